@@ -1,0 +1,202 @@
+"""The Prime objective (partial masking through sub-tokens), exactly as ../shared/docs/prime-method.md.
+
+Pure torch: no distributed imports, any device, any batch shape. Notation:
+  V      vocabulary size;  ell  token granularity (sub-tokens per token);  b = base_for(V, ell)
+  x0     [B, L] token ids;  y0 = subtokenize(x0) [B, L*ell] digits, most significant first
+  yt     [B, L*ell] noisy sub-tokens, the mask symbol is the integer b
+  t      [B] diffusion time in (0, 1]; the loss weight -α'_t / (1 - α_t) is exactly 1/t
+
+Two losses (§4):
+  joint_loss     the paper's training objective (a). NOT an NLL bound when ell > 1.
+  subtoken_elbo  the sub-token ELBO (b), using each masked digit's marginal under the joint: a valid
+                 upper bound on the NLL. Every perplexity prime-scale reports comes from this one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-3  # α_t = 1 - (1 - EPS) t, and t is drawn from [EPS, 1]
+
+
+# --------------------------------------------------------------------------- sub-tokens
+
+
+def base_for(vocab_size: int, ell: int) -> int:
+    """The smallest integer b >= 2 with b**ell >= vocab_size (integer arithmetic: the float formula
+    ceil(V ** (1/ell)) is one too large when V is an exact ell-th power)."""
+    if vocab_size < 1 or ell < 1:
+        raise ValueError(f"need vocab_size >= 1 and ell >= 1, got V={vocab_size}, ell={ell}")
+    b = max(2, round(vocab_size ** (1.0 / ell)))
+    while b**ell < vocab_size:
+        b += 1
+    while b > 2 and (b - 1) ** ell >= vocab_size:
+        b -= 1
+    return b
+
+
+def _powers(vocab_size: int, ell: int, device) -> torch.Tensor:
+    b = base_for(vocab_size, ell)
+    return torch.tensor([b ** (ell - 1 - j) for j in range(ell)], dtype=torch.long, device=device)
+
+
+def digit_table(vocab_size: int, ell: int, device=None) -> torch.Tensor:
+    """DIG[V, ell]: the digits of every valid token id."""
+    return subtokenize(torch.arange(vocab_size, device=device), vocab_size, ell).view(vocab_size, ell)
+
+
+def subtokenize(ids: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
+    """[..., L] token ids -> [..., L*ell] digits, token-major, most significant digit first."""
+    b = base_for(vocab_size, ell)
+    digits = (ids.long().unsqueeze(-1) // _powers(vocab_size, ell, ids.device)) % b
+    return digits.flatten(-2)
+
+
+def desubtokenize(y: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
+    """[..., L*ell] digits -> [..., L] codes. Raises on a mask symbol; codes >= V (invalid) are
+    returned as they are, for the caller to count or reject."""
+    b = base_for(vocab_size, ell)
+    if (y == b).any():
+        raise ValueError("desubtokenize: input still contains the mask symbol")
+    digits = y.long().unflatten(-1, (y.shape[-1] // ell, ell))
+    return (digits * _powers(vocab_size, ell, y.device)).sum(-1)
+
+
+def apply_mask(x0: torch.Tensor, mask: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
+    """yt: the digits of x0 with the masked sub-tokens replaced by the mask symbol b."""
+    return subtokenize(x0, vocab_size, ell).masked_fill(mask, base_for(vocab_size, ell))
+
+
+# --------------------------------------------------------------------------- carry-over
+
+
+def consistent_classes(yt: torch.Tensor, vocab_size: int, ell: int, dig: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, V] bool: the classes whose digits agree with every unmasked sub-token of yt.
+    Built digit by digit from DIG[V, ell], so no ell × V × b tensor ever exists."""
+    b = base_for(vocab_size, ell)
+    if dig is None:
+        dig = digit_table(vocab_size, ell, yt.device)
+    y = yt.unflatten(-1, (yt.shape[-1] // ell, ell))
+    allowed = None
+    for j in range(ell):
+        yj = y[..., j].unsqueeze(-1)
+        ok = (yj == b) | (dig[:, j] == yj)
+        allowed = ok if allowed is None else allowed & ok
+    return allowed
+
+
+def carry_over_log_probs(logits: torch.Tensor, yt: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
+    """Log-probabilities over V classes restricted to those consistent with yt's visible digits
+    (fp32; -inf elsewhere). A fully unmasked token keeps one class (log p = 0); a fully masked one
+    keeps all V. For ell = 1 this is MDLM's SUBS parameterisation."""
+    allowed = consistent_classes(yt, vocab_size, ell)
+    if not bool(allowed.any(-1).all()):
+        raise ValueError("carry_over_log_probs: a position's visible digits match no valid token "
+                         f"(a code >= V={vocab_size}); yt is not a noised valid sequence")
+    return torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def plain_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Without carry-over: a plain softmax over the V classes (fp32)."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+# --------------------------------------------------------------------------- the two losses
+
+
+def _normalise(nll: torch.Tensor, attention_mask: torch.Tensor | None):
+    if attention_mask is None:
+        return nll, nll.sum() / nll.numel()
+    keep = attention_mask.bool()
+    nll = torch.where(keep, nll, torch.zeros_like(nll))  # where, not *: no 0 × inf = nan
+    return nll, nll.sum() / keep.sum().clamp(min=1)
+
+
+def joint_loss(log_p: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """(a) The paper's objective: -log p(x0_i | yt) / t summed over all L positions (carry-over
+    makes fully unmasked tokens contribute 0), divided by the attended token count.
+    Returns (nll [B, L], mean)."""
+    lp = log_p.gather(-1, x0.long().unsqueeze(-1)).squeeze(-1)
+    return _normalise(-lp / t.float().unsqueeze(-1), attention_mask)
+
+
+def digit_marginal_log_probs(log_p: torch.Tensor, y0: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
+    """[B, L, ell]: log p(y^{i,j} = y0^{i,j} | yt), each digit's marginal under the joint over V:
+    a log-sum-exp over the classes whose digit j equals the target digit."""
+    dig = digit_table(vocab_size, ell, log_p.device)
+    target = y0.unflatten(-1, (y0.shape[-1] // ell, ell))
+    out = []
+    for j in range(ell):
+        same_digit = dig[:, j] == target[..., j].unsqueeze(-1)  # [B, L, V]
+        out.append(torch.logsumexp(log_p.masked_fill(~same_digit, float("-inf")), dim=-1))
+    return torch.stack(out, dim=-1)
+
+
+def subtoken_elbo(log_p: torch.Tensor, x0: torch.Tensor, yt: torch.Tensor, t: torch.Tensor,
+                  attention_mask: torch.Tensor | None, vocab_size: int, ell: int):
+    """(b) The sub-token ELBO: (1/t) Σ over masked digits j of -log p(y0^{i,j} | yt), with the
+    digit's marginal under the model's joint. A valid NLL bound per original token.
+    Returns (nll [B, L], mean)."""
+    b = base_for(vocab_size, ell)
+    y0 = subtokenize(x0, vocab_size, ell)
+    lm = digit_marginal_log_probs(log_p, y0, vocab_size, ell)
+    masked = (yt == b).unflatten(-1, lm.shape[-2:])
+    per_digit = torch.where(masked, -lm, torch.zeros_like(lm))
+    return _normalise(per_digit.sum(-1) / t.float().unsqueeze(-1), attention_mask)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def antithetic_t(u: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Low-discrepancy time inside a batch of n: u_i <- (u_i / n + i / n) mod 1, t = (1 - eps) u + eps."""
+    n = u.shape[0]
+    strata = torch.arange(n, device=u.device, dtype=u.dtype) / n
+    return (1 - eps) * ((u / n + strata) % 1.0) + eps
+
+
+def _key(seed: int, step: int, index: int) -> int:
+    """A 63-bit generator seed from (seed, step, global sample index) (splitmix64 finaliser)."""
+    mask64 = (1 << 64) - 1
+    z = 0
+    for part in (seed, step, index):
+        z = (z ^ (part & mask64)) * 0x9E3779B97F4A7C15 & mask64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask64
+        z ^= z >> 31
+    return z & ((1 << 63) - 1)
+
+
+def prime_noise(seed: int, step: int, sample_index: torch.Tensor, global_batch: int, seq_len: int,
+                ell: int, eps: float = EPS):
+    """t [B] (fp32) and the sub-token mask [B, L*ell] (bool) for each sample, drawn from a generator
+    keyed by (run seed, step or eval pass, GLOBAL sample index): the same sample gets the same noise
+    under every (TP, PP, DP) layout and batch split, and a resumed run repeats exactly.
+
+    Antithetic time across the global batch: the sample's stratum is its index mod global_batch
+    (its position inside the global batch for consecutively indexed data; t stays exactly uniform
+    for any index)."""
+    n = int(global_batch)
+    ts, masks = [], []
+    for idx in sample_index.tolist():
+        g = torch.Generator().manual_seed(_key(seed, step, int(idx)))
+        u = torch.rand((), generator=g, dtype=torch.float64)
+        t = (1 - eps) * (((u + (int(idx) % n)) / n) % 1.0) + eps
+        ts.append(t)
+        masks.append(torch.rand(seq_len * ell, generator=g, dtype=torch.float64) < (1 - eps) * t)
+    t = torch.stack(ts).float() if ts else torch.zeros(0)
+    mask = torch.stack(masks) if masks else torch.zeros(0, seq_len * ell, dtype=torch.bool)
+    return t.to(sample_index.device), mask.to(sample_index.device)
+
+
+def prime_loss(logits: torch.Tensor, x0: torch.Tensor, yt: torch.Tensor, t: torch.Tensor,
+               attention_mask: torch.Tensor | None, vocab_size: int, ell: int,
+               objective: str = "prime_elbo", carry_over: bool = True):
+    """The training objective chosen by a recipe (model.objective, model.carry_over), dense form."""
+    log_p = carry_over_log_probs(logits, yt, vocab_size, ell) if carry_over else plain_log_probs(logits)
+    if objective == "prime_joint":
+        return joint_loss(log_p, x0, t, attention_mask)
+    if objective == "prime_elbo":
+        return subtoken_elbo(log_p, x0, yt, t, attention_mask, vocab_size, ell)
+    raise ValueError(f"unknown objective {objective!r}: use 'prime_joint' or 'prime_elbo'")
