@@ -1,0 +1,197 @@
+"""The ancestral sub-token sampler of prime-method.md §6, independent of any model or checkpoint.
+
+The caller passes `logits_fn(yt: Long[B, L*ell]) -> logits[B, L, V]` (a distribution over whole
+tokens; the model has no time input). The sampler:
+
+  1. starts with every sub-token masked (the symbol b), an optional prefix copied in unmasked;
+  2. walks the grid t_k = linspace(1, 1e-5, steps + 1); at each step (t, s) every still-masked
+     sub-token reveals with probability (t - s)/t. Positions with at least one revealing sub-token
+     draw ONE whole token x̂ from p(· | yt) (carry-over restricted, temperature, nucleus) and take
+     x̂'s digits for the revealing sub-tokens. Revealed sub-tokens never change;
+  3. after the grid, fills whatever is still masked from a last draw.
+
+Caching: p(· | yt) only depends on yt, so a prediction is reused until yt changes. Each non-idle
+step makes exactly one later draw need a fresh prediction (the next step's or the final fill's),
+and the initial state needs one: network calls = non-idle steps + 1. The final fill always takes
+its draw, as the reference's last denoising call does, so this count holds exactly, even when the
+grid left nothing masked (then that one call is spent for nothing).
+
+Reveal coins are drawn before the token draw, and tokens are drawn only at positions that reveal
+something: the coins do not depend on x̂, so this is the same distribution at far less cost.
+
+Without carry-over a drawn token may disagree with digits revealed earlier. As in the reference,
+only still-masked digits are taken from it, so the final digits of a token can form a different
+token or a code >= V. Such codes are counted in `invalid_codes` and returned as INVALID_TOKEN (-1)
+in `tokens`; the raw digits stay in `subtokens`. With carry-over every draw agrees with the visible
+digits, so no invalid code can arise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from prime_scale.errors import UserError
+from prime_scale.prime import base_for, carry_over_log_probs, desubtokenize, plain_log_probs, subtokenize
+
+T_END = 1e-5  # last grid point, as in the reference sampler
+INVALID_TOKEN = -1  # `tokens` entry for a final digit tuple that decodes to a code >= V
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # Long[B, L]; INVALID_TOKEN where the digits decode to a code >= V
+    subtokens: torch.Tensor  # Long[B, L*ell], the final digits (no mask symbol left)
+    nfe: int  # network calls made
+    steps: int
+    idle_steps: int  # grid steps that revealed no sub-token anywhere in the batch
+    seq_idle_steps: torch.Tensor  # Long[B]: steps that revealed nothing in that sequence
+    invalid_codes: int  # final digit tuples decoding to a code >= V (0 with carry-over)
+
+    @property
+    def isr(self) -> float:
+        """Idle-step ratio of the batch: the steps that saved a network call."""
+        return self.idle_steps / self.steps
+
+    @property
+    def seq_isr(self) -> float:
+        """Mean per-sequence idle-step ratio: the paper's ISR, comparable across batch sizes."""
+        return float(self.seq_idle_steps.double().mean()) / self.steps
+
+
+def time_grid(steps: int) -> list[float]:
+    """t_0 = 1 > t_1 > ... > t_steps = T_END, evenly spaced (float64)."""
+    return torch.linspace(1.0, T_END, steps + 1, dtype=torch.float64).tolist()
+
+
+def expected_isr(masked_subtokens: int, steps: int) -> float:
+    """Closed-form expected idle-step ratio for one sequence with this many initially masked
+    sub-tokens. A sub-token reveals at step k with probability (t_k/t_0)·(t_k - t_{k+1})/t_k =
+    dt = (1 - T_END)/steps, the same for every step, independently of the others and of the
+    model, so a step is idle with probability (1 - dt)^N ≈ (1 - 1/T)^(L·ell)."""
+    return (1.0 - (1.0 - T_END) / steps) ** masked_subtokens
+
+
+def ancestral_sample(logits_fn: LogitsFn, batch_size: int, seq_len: int, vocab_size: int, ell: int,
+                     steps: int, *, top_p: float = 1.0, temperature: float = 1.0,
+                     prefix: torch.Tensor | None = None, carry_over: bool = True,
+                     generator: torch.Generator | None = None, device=None) -> SampleResult:
+    """Draw `batch_size` sequences of `seq_len` tokens. `prefix` (Long[P] token ids, P <= seq_len)
+    is copied, fully unmasked, into the first P positions of every sequence. All randomness comes
+    from `generator` (on `device`), so a seeded generator gives the same samples."""
+    _check_args(batch_size, seq_len, vocab_size, ell, steps, top_p, temperature)
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    B, L, V = batch_size, seq_len, vocab_size
+    b = base_for(V, ell)
+
+    yt = torch.full((B, L * ell), b, dtype=torch.long, device=device)
+    if prefix is not None:
+        prefix = _check_prefix(prefix, L, V).to(device)
+        yt[:, : prefix.numel() * ell] = subtokenize(prefix, V, ell)
+
+    calls = 0
+    cached: torch.Tensor | None = None  # probs[B, L, V] for the current yt
+
+    def predict() -> torch.Tensor:
+        nonlocal calls, cached
+        if cached is None:
+            calls += 1
+            cached = _distribution(logits_fn, yt, B, L, V, ell, carry_over, temperature, top_p)
+        return cached
+
+    def reveal(coins: torch.Tensor) -> None:
+        """Set the sub-tokens marked in coins[B, L*ell] (all masked) to the digits of one draw per
+        token position that has any of them."""
+        nonlocal cached
+        r = coins.view(B, L, ell)
+        need = r.any(-1)  # [B, L] positions that draw
+        probs = predict()[need]  # [n, V]
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        digits = subtokenize(drawn.unsqueeze(-1), V, ell)  # [n, ell]
+        y = yt.view(B, L, ell)
+        y[need] = torch.where(r[need], digits, y[need])
+        cached = None
+
+    with torch.no_grad():
+        grid = time_grid(steps)
+        seq_idle = torch.zeros(B, dtype=torch.long, device=device)
+        idle = 0
+        for k in range(steps):
+            t, s = grid[k], grid[k + 1]
+            coins = torch.rand(B, L * ell, generator=generator, device=device) < (t - s) / t
+            coins &= yt == b
+            row_moves = coins.any(-1)
+            seq_idle += ~row_moves
+            if bool(row_moves.any()):
+                reveal(coins)
+            else:
+                idle += 1
+        # The final fill: everything still masked, from one more draw (see the module docstring).
+        predict()
+        if bool((yt == b).any()):
+            reveal(yt == b)
+
+    codes = desubtokenize(yt, V, ell)
+    invalid = codes >= V
+    return SampleResult(tokens=codes.masked_fill(invalid, INVALID_TOKEN), subtokens=yt, nfe=calls,
+                        steps=steps, idle_steps=idle, seq_idle_steps=seq_idle,
+                        invalid_codes=int(invalid.sum()))
+
+
+def _distribution(logits_fn: LogitsFn, yt: torch.Tensor, B: int, L: int, V: int, ell: int,
+                  carry_over: bool, temperature: float, top_p: float) -> torch.Tensor:
+    """probs[B, L, V] to draw from (unnormalised after the nucleus cut; multinomial renormalises)."""
+    logits = logits_fn(yt.clone())  # a copy: the sampler edits yt in place later
+    if tuple(logits.shape) != (B, L, V):
+        raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected {(B, L, V)} "
+                         "(batch, tokens, vocabulary) for input of shape "
+                         f"{tuple(yt.shape)} (batch, tokens*ell)")
+    log_p = carry_over_log_probs(logits, yt, V, ell) if carry_over else plain_log_probs(logits)
+    if temperature != 1.0:
+        log_p = torch.log_softmax(log_p / temperature, dim=-1)
+    probs = log_p.exp()
+    if top_p < 1.0:
+        probs = _nucleus(probs, top_p)
+    if not bool(torch.isfinite(probs).all()) or not bool((probs.sum(-1) > 0).all()):
+        raise ValueError("logits_fn gave NaN logits or no finite logit for any allowed token")
+    return probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their mass reaches top_p (the first is always kept)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_ahead = sorted_p.cumsum(-1) - sorted_p
+    drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_ahead >= top_p)
+    return probs.masked_fill(drop, 0.0)
+
+
+def _check_args(batch_size, seq_len, vocab_size, ell, steps, top_p, temperature) -> None:
+    for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("steps", steps),
+                        ("ell", ell)):
+        if int(value) < 1:
+            raise UserError(f"sampling: {name} must be at least 1, got {value}")
+    if vocab_size < 2:
+        raise UserError(f"sampling: the vocabulary size must be at least 2, got {vocab_size}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"sampling: nucleus top_p must be in (0, 1], got {top_p}")
+    if not temperature > 0.0:
+        raise UserError(f"sampling: temperature must be positive, got {temperature}")
+
+
+def _check_prefix(prefix: torch.Tensor, seq_len: int, vocab_size: int) -> torch.Tensor:
+    prefix = torch.as_tensor(prefix).long()
+    if prefix.dim() != 1:
+        raise UserError(f"sampling: the prefix must be one sequence of token ids, got shape {tuple(prefix.shape)}")
+    if prefix.numel() > seq_len:
+        raise UserError(f"sampling: the prompt has {prefix.numel()} tokens but the sequence length is "
+                        f"{seq_len}; shorten the prompt or raise the sequence length")
+    if prefix.numel() and (int(prefix.min()) < 0 or int(prefix.max()) >= vocab_size):
+        raise UserError(f"sampling: the prompt holds token ids outside [0, {vocab_size}); it was "
+                        "encoded with a tokenizer that does not match the model's vocabulary")
+    return prefix
