@@ -1,0 +1,238 @@
+"""Data pipeline speed: sharding vs raw sentencepiece, and the loader vs what the tiny recipe eats.
+
+    python bench/bench_data.py [--copies 4] [--json out.json]
+
+1. Sharding throughput per core vs raw sentencepiece encoding on the same text (target ≥ 80%).
+   Raw: SentencePieceProcessor.encode(list of documents, num_threads=T), T = 1 and 2 cores.
+   Sharding: `shard_corpus` end to end (read JSONL, split hash, encode, pack, write MDS, publish)
+   with --workers 1 (everything on one core; compared with raw T=1) and --workers 2 (2 worker
+   processes + the writer; compared with raw T=2, per core).
+   Per core is given two ways: wall-clock tokens/s divided by the cores, and tokens per CPU
+   second of all processes (immune to other jobs stealing cores on a shared machine).
+   The text is the demo corpus (CPython's documentation) repeated --copies times.
+2. Loader throughput (sequences/s, micro-batch 16, L = 128, demo corpus) for MDS and webdataset
+   and 0/1/2 DataLoader workers, vs the rate at which the tiny CPU recipe consumes sequences
+   (target ≥ 20×). The consumption rate is the real trainer's: `prime-scale train tiny-cpu` for
+   --train-steps steps on the same demo corpus, the FASTEST logged tokens_per_s (the most demanding
+   consumer, so the ratio is conservative). With --no-trainer, a plain-PyTorch stand-in of the tiny
+   recipe's network (same shape, fwd+bwd+AdamW) is timed instead.
+
+Also: the time to build the demo corpus from nothing (target < 2 min), unless --demo-root is given.
+
+The machine is shared: each figure is the best of --repeats runs; ratios are from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+
+def best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the sharding workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def best_wall_and_cpu(fn, repeats):
+    """(best wall seconds, best CPU seconds) over repeats: CPU time is what a run costs the cores,
+    and unlike wall time it is not inflated by other jobs on a shared machine."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(cpu_seconds() - c0)
+    return min(walls), min(cpus)
+
+
+def bench_sharding(demo_root: Path, work: Path, copies: int, repeats: int, seq_lens) -> dict:
+    from data_prep.readers import ReadOptions
+    from data_prep.shard import ShardOptions, shard_corpus
+    from prime_scale.data import load_tokenizer
+    from prime_scale.data.streaming_compat import import_streaming
+
+    import_streaming()  # a one-time import cost, not throughput
+    tok = load_tokenizer(demo_root / "tokenizer")
+    docs = [json.loads(line)["text"] for line in (demo_root / "corpus.jsonl").read_text().splitlines()]
+    corpus = work / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for c in range(copies):
+            for d in docs:
+                f.write(json.dumps({"text": d if c == 0 else f"[copy {c}] {d}"}) + "\n")
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    n_tokens = sum(len(x) for x in tok._sp.encode(texts, num_threads=1))
+    out = {"corpus_mb": round(corpus.stat().st_size / 1e6, 2), "tokens": n_tokens}
+    k = 0
+
+    def shard(L, workers):
+        nonlocal k
+        k += 1
+        shard_corpus([str(corpus)], tok, work / f"ds-{k}",
+                     ShardOptions(seq_len=L, val_fraction=0.01, workers=workers, progress=False),
+                     ReadOptions(format="jsonl"), log=lambda s: None)
+
+    # every configuration once per round, raw encoding included, so slow phases of the shared
+    # machine hit all of them alike; each keeps its best round
+    configs = {f"raw_{t}thread": (lambda t=t: tok._sp.encode(texts, num_threads=t)) for t in (1, 2)}
+    configs.update({f"shard_L{L}_workers{w}": (lambda L=L, w=w: shard(L, w)) for L in seq_lens for w in (1, 2)})
+    wall = {name: float("inf") for name in configs}
+    cpu = dict(wall)
+    for _ in range(repeats):
+        for name, fn in configs.items():
+            w, c = best_wall_and_cpu(fn, 1)
+            wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
+            for done in work.glob("ds-*"):
+                shutil.rmtree(done)
+    for t in (1, 2):  # sentencepiece's own batch encoder on 1 and on 2 cores
+        out[f"raw_{t}thread"] = {"tokens_per_s_per_core": round(n_tokens / wall[f"raw_{t}thread"] / t),
+                                 "tokens_per_cpu_s": round(n_tokens / cpu[f"raw_{t}thread"])}
+    for L in seq_lens:
+        for w in (1, 2):
+            name, raw = f"shard_L{L}_workers{w}", out[f"raw_{w}thread"]
+            per_core = n_tokens / wall[name] / w
+            out[name] = {"tokens_per_s": round(n_tokens / wall[name]), "tokens_per_s_per_core": round(per_core),
+                         "ratio_per_core_wall": round(per_core / raw["tokens_per_s_per_core"], 3),
+                         "tokens_per_cpu_s": round(n_tokens / cpu[name]),
+                         "ratio_per_cpu_s": round(n_tokens / cpu[name] / raw["tokens_per_cpu_s"], 3)}
+    return out
+
+
+def bench_loader(demo_ds: Path, work: Path, batches: int, repeats: int) -> dict:
+    from data_prep.readers import ReadOptions
+    from data_prep.shard import ShardOptions, shard_corpus
+    from prime_scale.config import load_recipe
+    from prime_scale.data import build_loader, load_tokenizer
+
+    wds_ds = work / "demo-wds"
+    shard_corpus([str(demo_ds.parent / "corpus.jsonl")], load_tokenizer(demo_ds), wds_ds,
+                 ShardOptions(seq_len=128, format="wds", val_fraction=0.05, progress=False),
+                 ReadOptions(format="jsonl"), log=lambda s: None)
+    out = {}
+    for fmt, path in (("mds", demo_ds), ("wds", wds_ds)):
+        for workers in (0, 1, 2):
+            cfg = load_recipe(None, [f"data.path={path}", f"data.num_workers={workers}"])
+            B = cfg.train.micro_batch
+
+            def run():
+                it = iter(build_loader(cfg, "train", 0, 1, B, seed=0))
+                next(it)  # worker start-up is paid once per run, not per batch
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(it)
+                return time.perf_counter() - t0
+            s = min(run() for _ in range(repeats))
+            out[f"{fmt}_workers{workers}_seq_per_s"] = round(batches * B / s)
+    return out
+
+
+def bench_tiny_consumption(repeats: int, steps: int = 10) -> dict:
+    """Sequences/s that the tiny recipe's network trains on (plain PyTorch, one process)."""
+    import torch
+    from torch import nn
+
+    from prime_scale.config import load_recipe
+
+    cfg = load_recipe(None)
+    m = cfg.model
+    V, L, B = 4096, m.seq_len, cfg.train.micro_batch
+    torch.manual_seed(0)
+    emb = nn.Embedding(V, m.hidden)
+    layer = nn.TransformerEncoderLayer(m.hidden, m.heads, m.hidden * m.mlp_ratio, dropout=0.0, batch_first=True,
+                                       norm_first=True, activation="gelu")
+    net = nn.ModuleDict({"emb": emb, "body": nn.TransformerEncoder(layer, m.layers, enable_nested_tensor=False),
+                         "head": nn.Linear(m.hidden, V)})
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x = torch.randint(0, V, (B, L))
+
+    def step():
+        h = net["body"](net["emb"](x))
+        loss = nn.functional.cross_entropy(net["head"](h).view(-1, V), x.view(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    step()
+    s = best(lambda: [step() for _ in range(steps)], repeats) / steps
+    return {"tiny_stand_in_step_s": round(s, 4), "tiny_stand_in_seq_per_s": round(B / s, 1),
+            "threads": torch.get_num_threads()}
+
+
+def bench_trainer_consumption(demo_root: Path, work: Path, steps: int) -> dict:
+    """Sequences/s that `prime-scale train tiny-cpu` consumes (the trainer's own metrics)."""
+    import subprocess
+
+    run = work / "tiny-run"
+    cmd = [sys.executable, "-m", "prime_scale.cli", "train", "tiny-cpu", f"train.steps={steps}", "train.log_every=1",
+           "eval.every=0", "eval.batches=1", "checkpoint.every=0", f"run.dir={run}", "logging.wandb=disabled"]
+    env = {**os.environ, "PRIME_SCALE_DEMO_DIR": str(demo_root)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the trainer failed:\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in rows if r.get("step", 0) > 1 and "tokens_per_s" in r]
+    L = 128
+    return {"trainer_steps": steps, "trainer_tokens_per_s_max": round(max(tps)),
+            "trainer_tokens_per_s_median": round(float(np.median(tps))),
+            "trainer_seq_per_s_max": round(max(tps) / L, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--demo-root", default=None, help="demo corpus directory (default: a temp dir, built here)")
+    ap.add_argument("--copies", type=int, default=4, help="demo corpus copies in the sharding text")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=400)
+    ap.add_argument("--train-steps", type=int, default=30, help="steps of the real tiny-cpu trainer")
+    ap.add_argument("--no-trainer", action="store_true", help="time a plain-PyTorch stand-in instead")
+    ap.add_argument("--parts", default="sharding,loader", help="comma-separated: sharding, loader")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from prime_scale.data import ensure_demo_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        demo_ds = ensure_demo_corpus(args.demo_root or work / "demo", log=lambda s: None)
+        res = {"cpus": os.cpu_count(), "demo_build_s": None if args.demo_root else round(time.perf_counter() - t0, 1)}
+        parts = args.parts.split(",")
+        if "sharding" in parts:
+            res["sharding"] = bench_sharding(demo_ds.parent, work, args.copies, args.repeats, (128, 1024))
+        if "loader" not in parts:
+            print(json.dumps(res, indent=2))
+            return
+        res["loader"] = bench_loader(demo_ds, work, args.batches, args.repeats)
+        if args.no_trainer:
+            res["tiny"] = bench_tiny_consumption(args.repeats)
+            consume = res["tiny"]["tiny_stand_in_seq_per_s"]
+        else:
+            res["tiny"] = bench_trainer_consumption(demo_ds.parent, work, args.train_steps)
+            consume = res["tiny"]["trainer_seq_per_s_max"]
+    res["tiny"]["consumed_seq_per_s_used"] = consume
+    res["loader_over_consumption"] = {k: round(v / consume, 1) for k, v in res["loader"].items()}
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

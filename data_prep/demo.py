@@ -1,0 +1,106 @@
+"""The embedded demo corpus: real English that ships with CPython, no download.
+
+Documents: every topic of `pydoc_data.topics` (the reference sections of the Python docs) and, for
+every module of the standard library source tree, its docstrings (module, classes, functions, in
+source order) read with `ast` — nothing is imported, so no module runs. About 2 MB of text.
+
+Layout under ROOT (default data/demo):
+    corpus.jsonl     the extracted documents ({"text", "source"}), kept for inspection and reuse
+    tokenizer/       a sentencepiece BPE model trained on it (vocab 4096 by default)
+    L128/            the prepared MDS dataset for sequence length 128 (others: L256, …)
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sysconfig
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from data_prep.readers import ReadOptions
+from data_prep.shard import ShardOptions, shard_corpus
+from data_prep.tokenizer_train import train_tokenizer
+from prime_scale.data.manifest import MANIFEST_NAME
+from prime_scale.data.tokenizer import load_tokenizer
+
+DEMO_VOCAB = 4096  # small model, small corpus: b = 64 sub-token symbols at ell = 2
+DEMO_SEQ_LEN = 128
+DEMO_VAL_FRACTION = 0.05
+CORPUS_FILE = "corpus.jsonl"
+TOKENIZER_DIR = "tokenizer"
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3",
+              "turtledemo"}
+
+
+def dataset_dir(root: Path, seq_len: int) -> Path:
+    return Path(root) / f"L{seq_len}"
+
+
+def _docstrings(node: ast.AST) -> Iterator[str]:
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            yield doc
+    for child in ast.iter_child_nodes(node):
+        yield from _docstrings(child)
+
+
+def demo_documents() -> Iterator[tuple[str, str]]:
+    """(source, text) of every demo document, in a fixed order."""
+    import pydoc_data.topics
+
+    for name in sorted(pydoc_data.topics.topics):
+        yield f"pydoc_data.topics:{name}", pydoc_data.topics.topics[name]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(("config-", ".")))
+        for name in sorted(f for f in filenames if f.endswith(".py")):
+            path = Path(dirpath) / name
+            try:
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+            except (SyntaxError, ValueError, OSError):
+                continue  # a few stdlib files are templates or data, not Python of this version
+            text = "\n\n".join(_docstrings(tree))
+            if text.strip():
+                yield f"stdlib:{path.relative_to(stdlib).as_posix()}", text
+
+
+def write_corpus(path: Path) -> int:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for source, text in demo_documents():
+            f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def build_demo(root: str | Path, seq_len: int = DEMO_SEQ_LEN, vocab_size: int = DEMO_VOCAB,
+               workers: Optional[int] = None, log=print) -> Path:
+    """Build whatever part of the demo is missing; return the dataset directory.
+
+    Not safe against a concurrent builder by itself: prime_scale.data.demo.ensure_demo_corpus
+    holds a file lock around it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    corpus = root / CORPUS_FILE
+    if not corpus.exists():
+        n = write_corpus(corpus)
+        log(f"demo: {n} documents from CPython's own documentation -> {corpus} ({time.time() - t0:.1f}s)")
+    tok_dir = root / TOKENIZER_DIR
+    if not (tok_dir / "tokenizer.json").exists():
+        train_tokenizer([str(corpus)], tok_dir, vocab_size, "bpe", ReadOptions(format="jsonl"), overwrite=True,
+                        log=log)
+    out = dataset_dir(root, seq_len)
+    if not (out / MANIFEST_NAME).exists():
+        shard_corpus([str(corpus)], load_tokenizer(tok_dir), out,
+                     ShardOptions(seq_len=seq_len, format="mds", val_fraction=DEMO_VAL_FRACTION,
+                                  workers=workers or 0, overwrite=True, progress=False),
+                     ReadOptions(format="jsonl"), log=log, source_info={"kind": "demo"})
+    log(f"demo: ready in {out} ({time.time() - t0:.1f}s)")
+    return out

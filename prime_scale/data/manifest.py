@@ -1,0 +1,141 @@
+"""The manifest of a prepared dataset: what the shards hold, and the checks against a recipe.
+
+A prepared dataset is a directory (or a remote URI holding the same tree):
+
+    manifest.json           written last: its presence means the dataset is complete
+    tokenizer/              the tokenizer files (sentencepiece), so a dataset is self-contained
+    train/, val/            one folder of shards per split (MDS: index.json + *.mds; wds: *.tar)
+
+Every sample is one fixed-length sequence of `seq_len` token ids (BOS + body + EOS, packed from
+documents by `prime-scale prep shard`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from prime_scale.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+FORMATS = ("mds", "wds")
+TOKENIZER_KINDS = ("sentencepiece", "external")
+# the column / member name under which each sample's token ids are stored
+TOKENS_FIELD = "tokens"
+
+
+def token_dtype(vocab_size: int) -> str:
+    """Smallest unsigned dtype that holds every id."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fail(where: str, msg: str) -> UserError:
+    return UserError(f"{where}: {msg}")
+
+
+def validate_manifest(m: Any, where: str) -> dict:
+    """Check the fields the loader and trainer rely on; raise UserError naming the file."""
+    if not isinstance(m, dict):
+        raise _fail(where, "a manifest must be a JSON object")
+    if m.get("version") != MANIFEST_VERSION:
+        raise _fail(where, f"unsupported manifest version {m.get('version')!r} (this prime-scale reads "
+                           f"version {MANIFEST_VERSION}); re-run `prime-scale prep shard`")
+    for key, typ in [("format", str), ("vocab_size", int), ("seq_len", int), ("splits", dict),
+                     ("tokenizer", dict), ("dtype", str)]:
+        if not isinstance(m.get(key), typ):
+            raise _fail(where, f"key '{key}' is missing or not a {typ.__name__}")
+    if m["format"] not in FORMATS:
+        raise _fail(where, f"key 'format' must be one of {', '.join(FORMATS)}, got {m['format']!r}")
+    if m["vocab_size"] < 2 or m["seq_len"] < 3:
+        raise _fail(where, f"vocab_size={m['vocab_size']} / seq_len={m['seq_len']} are not usable")
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise _fail(where, f"key 'dtype' must be uint16 or uint32, got {m['dtype']!r}")
+    if "train" not in m["splits"]:
+        raise _fail(where, "no 'train' split")
+    for name, split in m["splits"].items():
+        for key in ("documents", "tokens", "sequences"):
+            if not isinstance(split, dict) or not isinstance(split.get(key), int):
+                raise _fail(where, f"splits.{name}.{key} is missing or not an integer")
+        if m["format"] == "wds" and not isinstance(split.get("shards"), list):
+            raise _fail(where, f"splits.{name}.shards (the tar shards and their sample counts) is missing")
+    tok = m["tokenizer"]
+    if tok.get("kind") not in TOKENIZER_KINDS:
+        raise _fail(where, f"tokenizer.kind must be one of {', '.join(TOKENIZER_KINDS)}, got {tok.get('kind')!r}")
+    for key in ("hash", "bos_id", "eos_id"):
+        if key not in tok:
+            raise _fail(where, f"tokenizer.{key} is missing")
+    if tok["kind"] == "sentencepiece" and not isinstance(tok.get("dir"), str):
+        raise _fail(where, "tokenizer.dir (where the sentencepiece model lies) is missing")
+    return m
+
+
+def read_manifest_file(path: Path) -> dict:
+    where = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"{where}: not found: this is not a prepared dataset (or its preparation did not "
+                        "finish); prepare one with `prime-scale prep shard` or `prime-scale prep demo`") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read: {e.strerror}") from None
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    return validate_manifest(m, where)
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> dict:
+    """The validated manifest of a prepared dataset (a local directory or a remote URI).
+
+    Adds `dataset_dir` (the local directory, a cache for remote datasets) and `uri` (as given)."""
+    from prime_scale.data.remote import localize_dataset
+
+    local = localize_dataset(str(dataset_dir))
+    m = read_manifest_file(local / MANIFEST_NAME)
+    m["dataset_dir"] = str(local)
+    m["uri"] = str(dataset_dir)
+    return m
+
+
+def manifest_path(manifest: Mapping) -> str:
+    return str(Path(manifest.get("dataset_dir", ".")) / MANIFEST_NAME)
+
+
+def check_manifest(cfg, manifest: Mapping, where: str | None = None) -> None:
+    """Refuse a recipe whose model.vocab_size or model.seq_len disagrees with the data."""
+    where = where or manifest_path(manifest)
+    V, L = manifest["vocab_size"], manifest["seq_len"]
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != V:
+        raise UserError(
+            f"{where}: the dataset's vocab_size is {V}, but the recipe sets model.vocab_size="
+            f"{cfg.model.vocab_size}; set model.vocab_size={V} (or null to take it from the data), "
+            "or use data prepared with the model's tokenizer")
+    if cfg.model.seq_len != L:
+        raise UserError(
+            f"{where}: the dataset's sequences are {L} tokens long, but the recipe sets model.seq_len="
+            f"{cfg.model.seq_len}; set model.seq_len={L}, or re-shard with "
+            f"`prime-scale prep shard --seq-len {cfg.model.seq_len}`")
+
+
+def split_info(manifest: Mapping, split: str) -> dict:
+    splits = manifest["splits"]
+    if split not in splits:
+        raise UserError(f"{manifest_path(manifest)}: no '{split}' split (has: {', '.join(splits)}); "
+                        "prepare the data with --val-fraction > 0 to get a validation split")
+    return splits[split]
