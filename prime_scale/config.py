@@ -74,6 +74,7 @@ class DataConfig:
     format: Literal["auto", "mds", "wds"] = "auto"
     num_workers: int = 1
     shuffle: bool = True
+    shuffle_block: int = 262144  # samples shuffled together (the loader's locality/randomness trade-off)
 
 
 @dataclass
@@ -419,6 +420,8 @@ def validate(cfg: Config, provenance: Optional[dict] = None) -> None:
         fail("eval.every" if cfg.eval.every < 0 else "checkpoint.every", "must be 0 or more")
     if cfg.checkpoint.keep_last < 1:
         fail("checkpoint.keep_last", f"must be at least 1, got {cfg.checkpoint.keep_last}")
+    if cfg.data.shuffle_block < 1:
+        fail("data.shuffle_block", f"must be at least 1, got {cfg.data.shuffle_block}")
     if cfg.data.path is not None and cfg.data.mixture:
         fail("data.mixture", "give either data.path or data.mixture, not both")
     for i, entry in enumerate(cfg.data.mixture):
@@ -441,3 +444,11 @@ def resolve_dp(cfg: Config, world_size: int) -> int:
         raise RecipeError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch × dp "
                           f"= {t.micro_batch} × {dp}; change the batch sizes for {world_size} processes")
     return dp
+
+
+def config_from_dict(tree: dict, where: str = "checkpoint config") -> Config:
+    """A Config from a resolved recipe stored as a mapping (a checkpoint's config.json)."""
+    provenance = {key: where for key in _leaf_keys(tree, "")}
+    cfg = _build(Config, tree, "", provenance)
+    validate(cfg, provenance)
+    return cfg

@@ -247,7 +247,7 @@ def build_loader(cfg, split: str, dp_rank: int, dp_world: int, micro_batch: int,
     workers = int(cfg.data.num_workers)
     if workers < 0:
         raise UserError(f"data.num_workers must be 0 or more, got {workers}")
-    block = int(getattr(cfg.data, "shuffle_block", DEFAULT_BLOCK))  # samples per shuffle block
+    block = int(cfg.data.shuffle_block)  # samples per shuffle block
     return Loader(manifests, weights, split, dp_rank, dp_world, micro_batch, seed, cfg.data.shuffle, workers,
                   epoch_limit, block)
 
