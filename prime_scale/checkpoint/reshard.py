@@ -1,0 +1,112 @@
+"""Load a consolidated checkpoint into a model of any (TP, PP) layout.
+
+Every parameter of the (possibly TP-split, possibly one pipeline stage of a) model takes its slice
+of the full tensor along the partition dim megatron recorded on the parameter itself. Only the
+needed slice is read from the safetensors file. Call it on the bare model, before
+deepspeed.initialize: DeepSpeed's optimizers keep their own fp32 copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from prime_scale.checkpoint import shards
+from prime_scale.checkpoint.store import NameMap, _canonical, _persistent_buffers
+from prime_scale.errors import UserError
+
+
+def _tp_from_megatron() -> tuple[int, int]:
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:
+        return 0, 1
+    if not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def weights_file(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    f = path / "model.safetensors" if path.is_dir() else path
+    if not f.is_file():
+        raise UserError(f"{path}: no model.safetensors (make one with prime-scale convert)")
+    return f
+
+
+def read_config(path: Union[str, Path]) -> dict:
+    """config.json of a consolidated checkpoint directory."""
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no config.json; is this a directory written by prime-scale convert?") from None
+
+
+def _read_slice(f, name: str, full_shape: list[int], dim: Optional[int], rank: int, world: int,
+                stride: int) -> torch.Tensor:
+    if dim is None or world == 1:
+        return f.get_tensor(name)
+    sl = f.get_slice(name)
+    parts = []
+    for a, b in shards.ranges(full_shape[dim], rank, world, stride):
+        index = tuple(slice(a, b) if d == dim else slice(None) for d in range(len(full_shape)))
+        parts.append(sl[index])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _read_padded(f, name: str, full_shape: list[int], dim: int, padded_size: int, rank: int, world: int,
+                 stride: int) -> torch.Tensor:
+    """This rank's piece of a tensor the model pads along `dim` to padded_size: the file's rows, then zeros."""
+    if stride != 1:
+        raise UserError(f"{name}: padding a strided TP partition is not supported")
+    size = padded_size // world
+    start, stop = min(rank * size, full_shape[dim]), min((rank + 1) * size, full_shape[dim])
+    index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(full_shape)))
+    part = f.get_slice(name)[index]
+    pad_shape = list(part.shape)
+    pad_shape[dim] = size - part.shape[dim]
+    return torch.cat([part, torch.zeros(pad_shape, dtype=part.dtype)], dim=dim)
+
+
+@torch.no_grad()
+def load_consolidated_into(model: torch.nn.Module, path: Union[str, Path], *, name_map: NameMap = None,
+                           tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> list[str]:
+    """Copy a consolidated checkpoint (a directory from prime-scale convert, or its model.safetensors)
+    into `model`'s own parameters and persistent buffers. name_map: the model's local names ->
+    canonical names (as given to checkpoint.save). TP rank/size default to megatron's parallel state.
+    Every parameter must be found with a compatible shape. Returns the canonical names loaded."""
+    from safetensors import safe_open
+
+    f_path = weights_file(path)
+    if tp_rank is None or tp_size is None:
+        tp_rank, tp_size = _tp_from_megatron()
+    loaded = []
+    with safe_open(str(f_path), framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        targets = [(n, p, shards.partition_info(p)) for n, p in model.named_parameters()]
+        targets += [(n, b, (None, 1)) for n, b in _persistent_buffers(model)]
+        for local, tensor, (dim, stride) in targets:
+            if hasattr(tensor, "ds_id"):
+                raise UserError("load_consolidated_into: the model is already partitioned by ZeRO-3; "
+                                "load the weights before deepspeed.initialize")
+            name = _canonical(name_map, local)
+            if name not in names:
+                raise UserError(f"{f_path}: no tensor {name} (the model's {local}); the checkpoint is of "
+                                "another model, or name_map differs from the one used at save time")
+            full_shape = list(f.get_slice(name).get_shape())
+            if dim is not None and tensor.shape[dim] * tp_size > full_shape[dim]:
+                # rows this TP degree pads on (e.g. vocabulary rounded up to a multiple of TP): zero
+                piece = _read_padded(f, name, full_shape, dim, tensor.shape[dim] * tp_size, tp_rank,
+                                     tp_size, stride)
+            else:
+                piece = _read_slice(f, name, full_shape, dim, tp_rank, tp_size, stride)
+            if piece.shape != tensor.shape:
+                raise UserError(f"{f_path}: {name} has full shape {full_shape}; TP rank {tp_rank} of {tp_size} "
+                                f"gets {list(piece.shape)}, but the model's {local} is {list(tensor.shape)}")
+            tensor.copy_(piece.to(tensor.dtype))
+            loaded.append(name)
+    return loaded

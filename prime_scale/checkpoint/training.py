@@ -1,0 +1,220 @@
+"""Checkpoints inside the training loop: periodic saves and `--resume`.
+
+- Saves every `checkpoint.every` steps (0: only at the end) and at the end, into `checkpoint.dir`
+  (default `<run.dir>/checkpoints`), keeping the newest `checkpoint.keep_last`.
+- `--resume auto` continues from the newest complete checkpoint in that directory (or starts fresh
+  when there is none); `--resume PATH` continues from a given checkpoint and fails if it is absent.
+- Starting a new run (no --resume) where complete checkpoints already exist is refused: its saves
+  would interleave with the old run's and a later resume could pick the wrong one.
+- A checkpoint of another model, seed, tokenizer or layout is refused before anything is loaded,
+  naming what differs and what to do.
+
+The trainer stays unaware of files: this module plugs into Trainer's hooks and saves what Trainer
+exposes (TrainState, the data loader's state_dict, the engine's EMA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from prime_scale.checkpoint import manifest as mf
+from prime_scale.errors import UserError
+
+# recipe sections that must match for a checkpoint to continue a run exactly
+MUST_MATCH = ("model", "seed")
+
+
+def checkpoint_dir(cfg) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
+
+
+def preflight(cfg, resume: Optional[str], init_from: Optional[str]) -> None:
+    """Checks that need no process group, run before anything starts: a new run must not write
+    into a checkpoint directory of an earlier run; a named checkpoint must exist and be complete; a
+    consolidated checkpoint to start from must be of this model."""
+    directory = checkpoint_dir(cfg)
+    if resume is not None and init_from is not None:
+        raise UserError("give either --resume (continue a run) or --init-from (start a new run from "
+                        "consolidated weights), not both")
+    if resume is None:
+        existing = mf.find_latest_complete(directory)
+        if existing is not None:
+            raise UserError(f"{directory} holds checkpoints of an earlier run (newest: {existing.name}); continue "
+                            f"it with --resume auto, or give this run another run.dir or checkpoint.dir")
+    elif resume != "auto":
+        mf.resolve_checkpoint(Path(resume))
+    if init_from is not None:
+        check_init_from(cfg, Path(init_from))
+
+
+# model arguments that fix the shapes of the weights
+SHAPE_KEYS = ("layers", "hidden", "heads", "mlp_ratio", "ell", "vocab_size")
+
+
+def check_init_from(cfg, path: Path) -> None:
+    from prime_scale.checkpoint.reshard import read_config, weights_file
+
+    weights_file(path)
+    saved = read_config(path).get("model") or {}
+    current = cfg.to_dict()["model"]
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, recipe {current.get(k)!r}" for k in SHAPE_KEYS
+            if not (k == "vocab_size" and current.get(k) is None) and saved.get(k) != current.get(k)]
+    if diff:
+        raise UserError(f"{path}: the weights are of another model shape ({'; '.join(diff)}); set the recipe's "
+                        "model section to the checkpoint's (config.json)")
+
+
+def install(trainer, resume: Optional[str]) -> "TrainingCheckpoints":
+    hooks = TrainingCheckpoints(trainer, resume)
+    trainer.before_loop_hooks.insert(0, hooks.before_loop)
+    trainer.after_step_hooks.append(hooks.after_step)
+    return hooks
+
+
+def name_map(module) -> dict[str, str]:
+    """The engine's local parameter names -> the model's layout-independent names."""
+    from prime_scale.model import canonical_named_parameters
+
+    canonical = {id(p): name for name, p in canonical_named_parameters(module)}
+    return {local: canonical[id(p)] for local, p in module.named_parameters() if id(p) in canonical}
+
+
+def unpadded_sizes(module, vocab_size: int) -> dict[str, int]:
+    """Tensors the model pads to a multiple of the TP degree, with their true row counts: the
+    output head's vocabulary rows, and the sub-token table when it is vocab-parallel (ℓ = 1)."""
+    from prime_scale.model import PrimeEmbedding, PrimeHead
+
+    sizes = {}
+    for layer in module.modules():
+        if isinstance(layer, PrimeHead):
+            sizes[f"{layer.layer_index}.out.weight"] = vocab_size
+        elif isinstance(layer, PrimeEmbedding) and layer.args.ell == 1:
+            sizes[f"{layer.layer_index}.embed.weight"] = layer.args.base + 1
+    return sizes
+
+
+def _tokenizer_dir(trainer) -> Optional[Path]:
+    spec = trainer.train_loader.tokenizer
+    if spec.get("kind") != "sentencepiece" or not spec.get("dir"):
+        return None
+    return Path(trainer.train_loader.dataset_dirs[0]) / spec["dir"]
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    out = []
+    for key in MUST_MATCH:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records of steps after `step` (written before a crash; the resumed run redoes them),
+    so that metrics.jsonl holds every step once. Returns how many were dropped."""
+    import json
+
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        mf.write_atomic(path, "".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
+
+
+class TrainingCheckpoints:
+    def __init__(self, trainer, resume: Optional[str]):
+        self.trainer = trainer
+        self.resume = resume
+        self.dir = checkpoint_dir(trainer.cfg)
+        self.resumed_from: Optional[Path] = None
+        self.last_saved: Optional[int] = None
+
+    # ---- what goes into a checkpoint
+
+    def _ema(self) -> Optional[dict]:
+        ema = self.trainer.engine.ema
+        if ema is None:
+            return None
+        names = [n for n, _ in self.trainer.engine.module.named_parameters()]
+        return dict(zip(names, ema.shadow))
+
+    def save(self) -> Path:
+        from prime_scale.checkpoint import store
+
+        t = self.trainer
+        module = t.engine.module
+        path = store.save(
+            t.engine.ds, self.dir, t.state.step,
+            extra_state={"train": t.state.state_dict(), "loader": t.train_loader.state_dict()},
+            ema=self._ema(),
+            meta={"recipe": t.cfg.to_dict(), "vocab_size": t.vocab_size, "tokenizer": _tokenizer_dir(t),
+                  "tokenizer_spec": t.train_loader.tokenizer, "tokens_seen": t.state.tokens_seen},
+            keep_last=t.cfg.checkpoint.keep_last, name_map=name_map(module),
+            unpadded=unpadded_sizes(module, t.vocab_size))
+        self.last_saved = t.state.step
+        if t.par.is_logging_rank:
+            print(f"  checkpoint @ step {t.state.step}: {path}", flush=True)
+        return path
+
+    def after_step(self, trainer) -> None:
+        every, step = trainer.cfg.checkpoint.every, trainer.state.step
+        if (every and step % every == 0) or step == trainer.cfg.train.steps:
+            self.save()
+
+    # ---- resume
+
+    def _find(self) -> Optional[Path]:
+        if self.resume is None:
+            return None
+        if self.resume == "auto":
+            return mf.find_latest_complete(self.dir)
+        return mf.resolve_checkpoint(Path(self.resume))
+
+    def before_loop(self, trainer) -> None:
+        folder = self._find()
+        if folder is None:
+            if self.resume == "auto" and trainer.par.is_logging_rank:
+                print(f"--resume auto: no complete checkpoint in {self.dir}; starting from step 0", flush=True)
+            return
+        from prime_scale.checkpoint import store
+
+        manifest = mf.read_manifest(folder)
+        self.check_compatible(folder, manifest)
+        restored = store.load(trainer.engine.ds, folder.parent, folder.name)
+        trainer.state.load_state_dict(restored.extra["train"])
+        trainer.train_loader.load_state_dict(restored.extra["loader"])
+        if trainer.engine.ema is not None:
+            if restored.ema is None:
+                raise UserError(f"{folder}: the run keeps an EMA (optim.ema={trainer.cfg.optim.ema}) but the "
+                                "checkpoint holds none; resume with optim.ema=0 or start a new run")
+            names = [n for n, _ in trainer.engine.module.named_parameters()]
+            trainer.engine.ema.load_state_dict({"shadow": [restored.ema[n] for n in names]})
+        self.resumed_from = folder
+        if trainer.par.is_logging_rank:
+            dropped = truncate_metrics(Path(trainer.cfg.run.dir) / "metrics.jsonl", trainer.state.step)
+            print(f"resumed from {folder} (step {trainer.state.step}, {trainer.state.tokens_seen:,} tokens seen"
+                  f"{f'; {dropped} metrics records after it dropped' if dropped else ''})", flush=True)
+
+    def check_compatible(self, folder: Path, manifest: dict) -> None:
+        """Refuse, before loading anything, a checkpoint this run cannot continue exactly."""
+        from prime_scale.checkpoint import store
+
+        t = self.trainer
+        saved = manifest.get("recipe") or {}
+        diff = _differences(saved, t.cfg.to_dict())
+        if diff:
+            raise UserError(f"{folder} was written by a different run: " + "; ".join(diff) +
+                            ". Resume with the checkpoint's recipe (its recipe is in the manifest), or start "
+                            "a new run from its weights after `prime-scale convert`")
+        tok = manifest.get("tokenizer")
+        tok_dir = _tokenizer_dir(t)
+        if tok and tok_dir is not None and store.tokenizer_identity(tok_dir)["sha256"] != tok["sha256"]:
+            raise UserError(f"{folder}: the data's tokenizer ({tok_dir}) is not the one the checkpoint was "
+                            "trained with; resume with the original data")
+        store.check_layout(manifest, store.engine_layout(t.engine.ds), folder)

@@ -1,0 +1,358 @@
+"""The training engine: a Prime model inside DeepSpeed, one interface for both of its engines.
+
+- pp = 1: DeepSpeed's engine (ZeRO 0–3) around the whole model, given megatron-core's groups through
+  the MegatronMPU adapter (TP ranks reduce nothing, DP ranks reduce gradients, the gradient norm
+  counts TP-sharded parameters on every TP rank and replicated ones once).
+- pp > 1: DeepSpeed's pipeline engine over the model's layer sequence (LayerSpecs), with the
+  parallel state's PipeModelDataParallelTopology; ZeRO ≤ 1 (the pipeline engine's limit; the recipe
+  validator rejects more). megatron's TP group still serves the TP layers and the losses.
+Both: torch AdamW (`torch_adam`, no JIT-compiled optimizer), gradient clipping, fp32 or bf16, the
+LR schedule of cfg.optim, and global batch = micro_batch × dp × gradient accumulation steps, so a
+recipe trains on the same global batches under every layout.
+
+Batches carry their Prime noise (t and y_t keyed by global sample index, prime.prime_noise): it is
+applied where the batch is built, so every pipeline stage and TP peer holds the same y_t, t, x0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from prime_scale import prime
+from prime_scale.config import Config
+from prime_scale.model import ModelArgs, PrimeObjective, PrimeTransformer, layer_builders
+from prime_scale.parallel.state import MegatronMPU, ParallelState
+
+EVAL_NOISE_STEP = 1 << 48  # noise key of validation draws: never a training step
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """One micro-batch: clean tokens, the noisy sub-tokens and the per-sample diffusion time."""
+
+    x0: torch.Tensor  # [B, L] long
+    yt: torch.Tensor  # [B, L·ℓ] long
+    t: torch.Tensor  # [B] fp32
+    mask: torch.Tensor  # [B, L] bool: positions that count (padding rows of a held-out split do not)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.x0.to(device), self.yt.to(device), self.t.to(device), self.mask.to(device))
+
+    def labels(self):
+        """What the loss needs: (x0, yt, t, mask); the last pipeline stage reads it directly."""
+        return self.x0, self.yt, self.t, self.mask
+
+
+def make_batch(input_ids: torch.Tensor, index: torch.Tensor, *, seed: int, step: int, global_batch: int,
+               vocab_size: int, ell: int, valid: Optional[torch.Tensor] = None) -> Batch:
+    """Noise a micro-batch of token ids by (seed, step, global sample index): independent of the
+    layout that reads it. `valid` [B] marks real rows (a loader pads the end of a held-out split)."""
+    x0 = input_ids.long()
+    t, mask = prime.prime_noise(seed, step, index.long(), global_batch, x0.shape[1], ell)
+    rows = torch.ones(x0.shape[0], dtype=torch.bool) if valid is None else valid.bool()
+    return Batch(x0=x0, yt=prime.apply_mask(x0, mask, vocab_size, ell), t=t,
+                 mask=rows.unsqueeze(1).expand_as(x0).contiguous())
+
+
+# --------------------------------------------------------------------------- schedule and config
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Multiplier of optim.lr for optimizer step `step` (0-based): linear warm-up to 1 over
+    warmup_steps, then constant, or cosine / linear decay to min_lr_ratio at train.steps."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    if o.schedule == "cosine":
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 - (1 - o.min_lr_ratio) * progress
+
+
+def grad_accumulation_steps(cfg: Config, dp: int) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * dp)
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict:
+    o, p = cfg.optim, cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage == 3 and o.ema > 0:
+        # EMA swaps weights through each rank's partition (ds_tensor); persistent (never released)
+        # small parameters would keep their gathered copy and miss the swap
+        zero["stage3_param_persistence_threshold"] = 0
+    return {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": grad_accumulation_steps(cfg, dp),
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                  "weight_decay": o.weight_decay, "torch_adam": True}},
+        "gradient_clipping": o.clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases or embedding tables)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class TrainModule(nn.Module):
+    """pp = 1: the whole model plus the objective, so DeepSpeed's engine sees one forward.
+    Returns (mean loss, Σ nll over attended tokens, attended token count)."""
+
+    def __init__(self, model: PrimeTransformer, objective: PrimeObjective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, yt, x0, t, mask=None, objective: Optional[str] = None):
+        loss_fn = self.objective if objective is None else self.objective.with_objective(objective)
+        nll, mean = loss_fn.nll(self.model(yt), x0, yt, t, mask)
+        count = float(nll.numel()) if mask is None else mask.sum().float()
+        return mean, nll.sum(), torch.as_tensor(count)
+
+
+class WeightEMA:
+    """Exponential moving average of the weights this rank holds (its TP/PP slice, and under
+    ZeRO-3 its partition), kept in fp32. `swapped()` puts the averages into the live weights for
+    evaluation and restores the training weights afterwards, bit for bit."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        # ZeRO-3 keeps each rank's partition in p.ds_tensor (p.data is empty between uses)
+        self.tensors = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in module.parameters()]
+        self.shadow = [x.detach().float().clone() for x in self.tensors]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for avg, x in zip(self.shadow, self.tensors):
+            avg.mul_(self.decay).add_(x.float(), alpha=1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        backup = [x.detach().clone() for x in self.tensors]
+        with torch.no_grad():
+            for x, avg in zip(self.tensors, self.shadow):
+                x.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for x, saved in zip(self.tensors, backup):
+                    x.copy_(saved)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for avg, saved in zip(self.shadow, state["shadow"]):
+            avg.copy_(saved)
+
+
+class _NLLSum:
+    """Pipeline loss function returning Σ nll over the micro-batch's counted positions."""
+
+    def __init__(self, objective: PrimeObjective):
+        self.objective = objective
+
+    def __call__(self, logits_shard, labels):
+        x0, yt, t, mask = labels
+        return self.objective.nll(logits_shard, x0, yt, t, mask)[0].sum()
+
+
+@dataclass
+class StepResult:
+    loss: float  # the training objective, mean over the global batch
+    grad_norm: Optional[float]  # before clipping
+    lr: float  # the learning rate this step used
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """One interface over DeepSpeed's engine (pp = 1) and pipeline engine (pp > 1)."""
+
+    def __init__(self, cfg: Config, state: ParallelState, vocab_size: int, init_from: Optional[str] = None):
+        import deepspeed
+
+        self.cfg, self.state = cfg, state
+        self.args = ModelArgs.from_config(cfg, vocab_size)
+        self.objective = PrimeObjective(vocab_size, cfg.model.ell, cfg.model.objective, cfg.model.carry_over)
+        self.gas = grad_accumulation_steps(cfg, state.dp)
+        self.pipeline = state.pp > 1
+        ds_cfg = deepspeed_config(cfg, state.dp)
+        if self._own_clipping:
+            ds_cfg["gradient_clipping"] = 0.0
+
+        def scheduler(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+
+        if self.pipeline:
+            from deepspeed.pipe import LayerSpec, PipelineModule
+
+            # megatron's state exists already: the TP layers are built inside this constructor
+            module = PipelineModule(layers=[LayerSpec(cls, **kw) for cls, kw in layer_builders(self.args)],
+                                    topology=state.topology, loss_fn=self.objective,
+                                    partition_method="type:Block")
+            mpu = None  # DeepSpeed's pipeline engine takes its groups from the topology
+        else:
+            module = TrainModule(PrimeTransformer(self.args), self.objective)
+            mpu = MegatronMPU()
+        if init_from is not None:  # consolidated weights, resharded to this layout before DeepSpeed copies them
+            from prime_scale.checkpoint.reshard import load_consolidated_into
+            from prime_scale.checkpoint.training import name_map
+
+            load_consolidated_into(module, init_from, name_map=name_map(module))
+        self.ds, _, _, self.lr_scheduler = deepspeed.initialize(
+            model=module, model_parameters=parameter_groups(module, cfg.optim.weight_decay), config=ds_cfg,
+            mpu=mpu, lr_scheduler=scheduler, dist_init_required=False)
+        self.module = module
+        self._norm: Optional[float] = None
+        if self._own_clipping:
+            self.ds.optimizer.register_step_pre_hook(self._clip_before_step)
+        self.ema = WeightEMA(module, cfg.optim.ema) if cfg.optim.ema > 0 else None
+
+    # ---- gradient norm for fp32 without ZeRO
+
+    @property
+    def _own_clipping(self) -> bool:
+        """fp32 without ZeRO: DeepSpeed clips but keeps no norm, and in a pipeline it counts
+        replicated parameters of later stages nowhere. We measure and clip ourselves there."""
+        return self.cfg.parallel.zero_stage == 0 and self.cfg.precision == "fp32"
+
+    @torch.no_grad()
+    def _clip_before_step(self, optimizer, *_):
+        from megatron.core import parallel_state as mps
+
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        tp_rank = mps.get_tensor_model_parallel_rank()
+        # TP-sharded parameters count on every TP rank, replicated ones once; stages add up
+        sq = torch.zeros((), dtype=torch.float64, device=self.state.device)
+        for p in params:
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                sq += p.grad.detach().double().pow(2).sum()
+        if self.state.tp * self.state.pp > 1:
+            dist.all_reduce(sq, group=mps.get_model_parallel_group())
+        norm = float(sq.sqrt())
+        self._norm = norm
+        clip = self.cfg.optim.clip
+        if clip > 0 and norm > clip:
+            for p in params:
+                p.grad.mul_(clip / (norm + 1e-6))
+
+    # ---- introspection
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (DeepSpeed's counter; a checkpoint restores it)."""
+        return int(self.ds.global_steps)
+
+    def current_lr(self) -> float:
+        return float(self.lr_scheduler.get_last_lr()[0])
+
+    def _dp_group(self):
+        from megatron.core import parallel_state as mps
+
+        return mps.get_data_parallel_group()
+
+    # ---- training
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
+        """One optimizer step over this rank's micro-batches of the global batch (gas of them)."""
+        if len(micro_batches) != self.gas:
+            raise ValueError(f"train_step needs {self.gas} micro-batches (gradient accumulation), got {len(micro_batches)}")
+        lr = self.current_lr()
+        device = self.state.device
+        if self.pipeline:
+            data = iter([(b.yt, b.labels()) for b in (m.to(device) for m in micro_batches)])
+            loss = float(self.ds.train_batch(data_iter=data))
+        else:
+            self.ds.train()
+            # on the compute device: NCCL reduces only GPU tensors
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for b in micro_batches:
+                b = b.to(device)
+                mean, _, _ = self.ds(b.yt, b.x0, b.t, b.mask)
+                self.ds.backward(mean)
+                self.ds.step()
+                total += mean.detach().double()
+            # every micro-batch has the same token count: the global mean is the mean of means
+            total /= len(micro_batches)
+            if self.state.dp > 1:
+                dist.all_reduce(total, group=self._dp_group())
+                total /= self.state.dp
+            loss = float(total)
+        if self.ema is not None:
+            self.ema.update()
+        norm = self._norm if self._own_clipping else self.ds.get_global_grad_norm()
+        return StepResult(loss=loss, grad_norm=None if norm is None else float(norm), lr=lr)
+
+    # ---- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: Sequence[Batch], objective: str = "prime_elbo", use_ema: bool = True):
+        """(Σ nll, Σ tokens) over the micro-batches of every DP replica, for `objective`
+        ('prime_elbo' gives the NLL bound). With EMA on, the averaged weights are evaluated."""
+        ctx = self.ema.swapped() if (use_ema and self.ema is not None) else contextlib.nullcontext()
+        with ctx:
+            if self.pipeline:
+                return self._evaluate_pipeline(micro_batches, objective)
+            return self._evaluate_plain(micro_batches, objective)
+
+    def _evaluate_plain(self, micro_batches, objective):
+        self.ds.eval()
+        device = self.state.device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for b in micro_batches:
+            b = b.to(device)
+            _, nll_sum, count = self.ds(b.yt, b.x0, b.t, b.mask, objective=objective)
+            sums += torch.stack([nll_sum.double(), count.to(device).double()])
+        if self.state.dp > 1:
+            dist.all_reduce(sums, group=self._dp_group())
+        self.ds.train()
+        return float(sums[0]), float(sums[1])
+
+    def _evaluate_pipeline(self, micro_batches, objective):
+        device = self.state.device
+        data = iter([(b.yt, b.labels()) for b in (m.to(device) for m in micro_batches)])
+        saved = self.module.loss_fn
+        self.module.loss_fn = _NLLSum(self.objective.with_objective(objective))
+        try:
+            # the engine averages the loss outputs over micro-batches and DP replicas: undo the mean
+            mean = float(self.ds.eval_batch(data_iter=data, num_micro_batches=len(micro_batches)))
+        finally:
+            self.module.loss_fn = saved
+        total = mean * len(micro_batches) * self.state.dp
+        tokens = torch.tensor(float(sum(b.tokens for b in micro_batches)), dtype=torch.float64, device=device)
+        if self.state.dp > 1:
+            dist.all_reduce(tokens, group=self._dp_group())
+        return total, float(tokens)

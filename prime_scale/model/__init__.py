@@ -1,0 +1,10 @@
+"""The Prime transformer (megatron-core tensor-parallel layers) and its vocab-parallel losses."""
+
+from prime_scale.model.objective import PrimeObjective
+from prime_scale.model.transformer import (Block, ModelArgs, PrimeEmbedding, PrimeHead, PrimeLayer,
+                                           PrimeTransformer, canonical_named_parameters, count_parameters,
+                                           layer_builders, train_flops_per_token)
+
+__all__ = ["Block", "ModelArgs", "PrimeEmbedding", "PrimeHead", "PrimeLayer", "PrimeObjective",
+           "PrimeTransformer", "canonical_named_parameters", "count_parameters", "layer_builders",
+           "train_flops_per_token"]

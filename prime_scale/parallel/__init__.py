@@ -1,0 +1,1 @@
+"""Process groups and parallel layout (megatron-core + DeepSpeed), and CPU compatibility."""

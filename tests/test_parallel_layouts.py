@@ -1,0 +1,210 @@
+"""Layout equivalence: the same global batches give the same training losses under every layout.
+
+Real DeepSpeed engines and megatron-core layers on gloo. A tiny Prime model (ℓ = 2, ELBO objective,
+clipping and EMA on) trains 4 steps on fixed global batches:
+  one process:   TP1·PP1·DP1 under ZeRO 0, 1, 2, 3 (the references)
+  two processes: TP2 and PP2 (ZeRO 1), DP2 under ZeRO 1, 2, 3, and PP2 in bf16
+fp32 layouts must match their reference within 1e-5 (losses, validation sums) and start from the
+same weights (gathered over TP and pipeline stages); bf16 must stay close. The two-process job
+also checks that a DeepSpeed topology disagreeing with megatron's groups is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_harness import launch
+
+V, L, STEPS, ROWS = 300, 16, 4, 64
+BASE = [f"model.vocab_size={V}", "model.layers=2", "model.hidden=64", "model.heads=4", f"model.seq_len={L}",
+        "model.ell=2", "model.objective=prime_elbo", "train.global_batch=8", "train.micro_batch=2",
+        "optim.lr=1e-3", "optim.warmup_steps=0", "optim.clip=1.0", "optim.ema=0.5", f"train.steps={STEPS}"]
+
+
+def _fingerprints(engine, state):
+    """Per canonical parameter of the whole model: (sum, sum of squares, first values), gathered
+    over TP shards and pipeline stages (ZeRO ≤ 2: every rank holds its whole slice)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    from prime_scale.model import canonical_named_parameters
+
+    out = {}
+    for name, p in canonical_named_parameters(engine.module):
+        full = p.detach().float()
+        if getattr(p, "tensor_model_parallel", False) and state.tp > 1:
+            parts = [torch.empty_like(full) for _ in range(state.tp)]
+            dist.all_gather(parts, full.contiguous(), group=mps.get_tensor_model_parallel_group())
+            full = torch.cat(parts, dim=p.partition_dim)
+        full = full[:V] if name.endswith("out.weight") else full  # drop the head's padding rows
+        out[name] = [float(full.sum()), float(full.pow(2).sum()), [float(x) for x in full.flatten()[:4]]]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, out)
+    merged = {}
+    for part in everyone:
+        merged.update(part)
+    return merged
+
+
+def run_layouts(layouts: list):
+    """Train every layout in turn in this process group; rank 0 returns the records."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_harness import port
+    from prime_scale.config import load_recipe
+    from prime_scale.engine import Engine, make_batch
+    from prime_scale.parallel import state as pstate
+
+    data = torch.randint(0, V, (ROWS, L), generator=torch.Generator().manual_seed(0))
+    records = []
+    for k, overrides in enumerate(layouts):
+        cfg = load_recipe("tiny-cpu", BASE + overrides)
+        st = pstate.init(cfg, environ=port(k), timeout_s=120)
+        engine = Engine(cfg, st, V)
+        weights = _fingerprints(engine, st) if cfg.parallel.zero_stage < 3 else None
+        G, mb = cfg.train.global_batch, cfg.train.micro_batch
+        losses, norms = [], []
+        for step in range(STEPS):
+            batches = []
+            for j in range(engine.gas):  # this rank's share of global batch `step`
+                first = step * G + (j * st.dp + st.dp_rank) * mb
+                index = torch.arange(first, first + mb)
+                batches.append(make_batch(data[index % ROWS], index, seed=0, step=step, global_batch=G,
+                                          vocab_size=V, ell=cfg.model.ell))
+            result = engine.train_step(batches)
+            losses.append(result.loss)
+            norms.append(result.grad_norm)
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        val = engine.evaluate(batches)  # EMA weights
+        extra = {}
+        if st.world_size == 1 and cfg.parallel.zero_stage == 1:
+            extra["independent_val"] = _dense_validation(engine, batches, cfg)
+            extra["weights_restored"] = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+            extra["val_raw"] = engine.evaluate(batches, use_ema=False)
+        if layouts[k] == ["parallel.pp=2"]:
+            extra["refused"] = _wrong_topology_is_refused(st)
+        records.append({"layout": overrides, "losses": losses, "norms": norms, "val": val, "weights": weights,
+                        "dp": st.dp, "gas": engine.gas, **extra})
+        dist.barrier()
+        pstate.destroy()
+    return records
+
+
+def _dense_validation(engine, batches, cfg):
+    """The validation sum recomputed outside the engine: the EMA weights applied by hand to the
+    plain model, dense logits, prime_scale.prime's sub-token ELBO."""
+    import torch
+
+    from prime_scale import prime
+
+    model = engine.module.model
+    params = list(engine.module.parameters())
+    saved = [p.detach().clone() for p in params]
+    total, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for p, avg in zip(params, engine.ema.shadow):
+            p.copy_(avg)
+        model.eval()
+        for b in batches:
+            nll, _ = prime.prime_loss(model(b.yt), b.x0, b.yt, b.t, None, V, cfg.model.ell, "prime_elbo")
+            total += float(nll.sum())
+            tokens += nll.numel()
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return [total, tokens]
+
+
+def _wrong_topology_is_refused(st):
+    """A topology that reads the two pipeline ranks as tensor-parallel peers must be refused."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from prime_scale.errors import UserError
+    from prime_scale.parallel.state import check_layouts
+
+    try:
+        check_layouts(PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=1), st.rank)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+REFERENCES = [["parallel.zero_stage=0"], ["parallel.zero_stage=1"], ["parallel.zero_stage=2"], ["parallel.zero_stage=3"]]
+TWO_RANKS = [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.zero_stage=1"], ["parallel.zero_stage=2"],
+             ["parallel.zero_stage=3"], ["parallel.pp=2", "precision=bf16"]]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    ref = launch(1, "test_parallel_layouts:run_layouts", {"layouts": REFERENCES}, timeout=300)[0]
+    two = launch(2, "test_parallel_layouts:run_layouts", {"layouts": TWO_RANKS}, timeout=420)[0]
+    return {tuple(r["layout"]): r for r in ref}, {tuple(r["layout"]): r for r in two}
+
+
+def _same_training(a, b, tol=1e-5):
+    for step, (x, y) in enumerate(zip(a["losses"], b["losses"])):
+        assert abs(x - y) < tol, f"step {step}: loss {x} vs {y} ({a['layout']} vs {b['layout']})"
+    for step, (x, y) in enumerate(zip(a["norms"], b["norms"])):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), f"step {step}: grad norm {x} vs {y}"
+    assert abs(a["val"][1] - b["val"][1]) < 0.5, "validation token counts differ"
+    assert abs(a["val"][0] / a["val"][1] - b["val"][0] / b["val"][1]) < tol, (a["val"], b["val"])
+
+
+def _same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for x, y in zip(a[name][:2], b[name][:2]):
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), name
+        assert a[name][2] == pytest.approx(b[name][2], abs=1e-7), name
+
+
+def test_validation_is_the_dense_subtoken_elbo_of_the_ema_weights(runs):
+    ref, _ = runs
+    r = ref[("parallel.zero_stage=1",)]
+    assert r["weights_restored"]
+    assert r["val"][1] == r["independent_val"][1]
+    assert abs(r["val"][0] - r["independent_val"][0]) < 1e-6 * r["val"][0]
+    # and the EMA weights are not the training weights (decay 0.5 over 4 steps)
+    assert abs(r["val"][0] - r["val_raw"][0]) > 1e-3
+
+
+def test_references_agree_across_zero_stages(runs):
+    ref, _ = runs
+    for stage in (0, 2, 3):
+        _same_training(ref[("parallel.zero_stage=1",)], ref[(f"parallel.zero_stage={stage}",)])
+    losses = ref[("parallel.zero_stage=1",)]["losses"]
+    assert len(set(round(x, 6) for x in losses)) == len(losses)  # four different batches, not a constant
+
+
+@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.pp=2",)])
+def test_tp2_and_pp2_match_one_process(runs, layout):
+    ref, two = runs
+    r, base = two[layout], ref[("parallel.zero_stage=1",)]
+    assert r["dp"] == 1 and r["gas"] == 4
+    _same_weights(base["weights"], r["weights"])
+    _same_training(base, r)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_dp2_matches_dp1_under_each_zero_stage(runs, stage):
+    ref, two = runs
+    key = (f"parallel.zero_stage={stage}",)
+    r = two[key]
+    assert r["dp"] == 2 and r["gas"] == 2  # same global batch: half the accumulation steps
+    if stage < 3:
+        _same_weights(ref[key]["weights"], r["weights"])
+    _same_training(ref[key], r)
+
+
+def test_pp2_bf16_stays_close_to_fp32(runs):
+    ref, two = runs
+    r, base = two[("parallel.pp=2", "precision=bf16")], ref[("parallel.zero_stage=1",)]
+    for x, y in zip(base["losses"], r["losses"]):
+        assert abs(x - y) < 5e-3 * abs(x), (base["losses"], r["losses"])
+
+
+def test_a_topology_that_disagrees_with_megatron_is_refused(runs):
+    _, two = runs
+    message = two[("parallel.pp=2",)]["refused"]
+    assert message and "disagree" in message and "refusing" in message
