@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start a new run from the weights of a consolidated checkpoint (prime-scale "
                              "convert), in any layout; the optimizer starts fresh")
     # the deepspeed launcher passes --local_rank; the rank is read from the environment instead
+    parser.add_argument("--samples", type=int, default=2, metavar="N",
+                        help="decode N samples from the final checkpoint at the end (0: none; one-process "
+                             "runs and --nproc only: under an external launcher use prime-scale sample)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -72,15 +75,39 @@ def main(args) -> int:
     if args.nproc is not None:
         extra = (["--resume", args.resume] if args.resume else []) + \
                 (["--init-from", args.init_from] if args.init_from else [])
-        return launch_local(args.nproc, recipe, overrides, cfg, extra)
+        rc = launch_local(args.nproc, recipe, overrides, cfg, extra)
+        return rc or show_samples(cfg, args.samples)
     from prime_scale.config import resolve_dp
     from prime_scale.parallel.state import read_launch_env
 
     # bad launcher input or a layout that cannot work: a clear error before the heavy imports
-    resolve_dp(cfg, read_launch_env().world_size)
+    world_size = read_launch_env().world_size
+    resolve_dp(cfg, world_size)
     trainer = Trainer(cfg, init_from=args.init_from)
     ckpt.install(trainer, args.resume)
-    return trainer.run()
+    rc = trainer.run()
+    return rc or (show_samples(cfg, args.samples) if world_size == 1 else 0)
+
+
+def show_samples(cfg: Config, n: int) -> int:
+    """The main job ends with words: decode a few samples from the final checkpoint (one process,
+    after the training's process groups are gone)."""
+    if n < 1:
+        return 0
+    from prime_scale.checkpoint.training import checkpoint_dir
+    from prime_scale.inference import load_model
+    from prime_scale.sample import generate
+
+    weights = "ema" if cfg.optim.ema > 0 else "raw"
+    with load_model(checkpoint_dir(cfg), weights) as loaded:
+        if loaded.tokenizer_dir is None:
+            print("samples: the data's tokenizer is external (ids only); nothing to decode", flush=True)
+            return 0
+        texts, r = generate(loaded, steps=min(128, cfg.model.seq_len), num=n, seed=cfg.seed)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ({weights} weights) ---\n{text.strip()}", flush=True)
+    print(f"--- {r.steps} sampling steps, {r.nfe} network calls (idle-step ratio {r.isr:.1%})", flush=True)
+    return 0
 
 
 def launch_local(nproc: int, recipe: Optional[str], overrides: list[str], cfg: Config,
