@@ -174,6 +174,8 @@ def _median_ratio(a, b):
 
 
 def memory_worker(stage: int, steps: int, out: str) -> None:
+    import torch
+
     from prime_scale.engine import Engine
     from prime_scale.parallel import state as pstate
 
@@ -184,11 +186,17 @@ def memory_worker(stage: int, steps: int, out: str) -> None:
     for step in range(steps):
         engine.train_step(_batches(cfg, step, st.dp_rank, st.dp, engine.gas))
     peak = _rss_mb()
-    n_params = sum(p.numel() for p in engine.module.parameters())
-    if stage == 3:
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    params = list(engine.module.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    # what this rank holds, read from the engine: its weights (ZeRO-3: its partition) and the
+    # torch optimizer's state (ZeRO ≥ 1: the moments of its partition only)
+    held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * 4 for p in params)
+    basic = getattr(engine.ds.optimizer, "optimizer", engine.ds.optimizer)
+    moments = sum(t.numel() * t.element_size() for s in basic.state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim() > 0)
     Path(out + f".{st.rank}").write_text(json.dumps({"rank": st.rank, "before_mb": before, "peak_mb": peak,
-                                                      "params": n_params}))
+                                                      "params": n_params, "weights_mb": held / 2**20,
+                                                      "moments_mb": moments / 2**20}))
     pstate.destroy()
 
 
@@ -218,7 +226,8 @@ def measure_memory(steps: int) -> list[dict]:
             ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
         rows.append({"stage": stage, "peak_mb": max(r["peak_mb"] for r in ranks),
                      "growth_mb": max(r["peak_mb"] - r["before_mb"] for r in ranks),
-                     "predicted_mb": model_state_mb(ranks[0]["params"], stage, 2)})
+                     "predicted_mb": model_state_mb(ranks[0]["params"], stage, 2),
+                     "weights_mb": max(r["weights_mb"] for r in ranks), "moments_mb": max(r["moments_mb"] for r in ranks)})
     return rows
 
 
@@ -310,18 +319,20 @@ def _markdown(r: dict) -> None:
             print(f"| {x['dtype']} | {kind} | {y['step_s']:.3f} | {y['tokens_per_s']:,.0f} | {y['model_gflops']:.1f} | "
                   f"{y['matmul_gflops']:.1f} | {100 * y['mfu']:.0f}% |")
     if len(r["throughput"]) == 1:
-        print(f"\nbf16 not timed: this CPU has no native bf16 (bf16 matmul {r['bf16_matmul_gflops']:.1f} GFLOP/s "
-              f"per CPU-s vs fp32 {r['fp32_matmul_gflops']:.1f})")
+        print(f"\nbf16 not timed: this CPU has no native bf16 (dense matmul per core: bf16 "
+              f"{r['bf16_matmul_gflops']:.1f} GFLOP/s, fp32 {r['fp32_matmul_gflops']:.1f} GFLOP/s)")
     p = r["prime_overhead"]
     print(f"\nPrime overhead ℓ=4 / ℓ=1: {p['ratio_wall']:.3f}× (wall), {p['ratio_cpu']:.3f}× (CPU); "
           f"steps {p['a_step_s']:.3f} s / {p['b_step_s']:.3f} s")
     for stage, o in r["engine_overhead"].items():
         print(f"Engine overhead ZeRO {stage}, engine / plain loop: {o['ratio_wall']:.3f}× (wall), "
               f"{o['ratio_cpu']:.3f}× (CPU); steps {o['a_step_s']:.3f} s / {o['b_step_s']:.3f} s")
-    print("\n| ZeRO stage (DP = 2) | peak RSS per rank (MB) | growth from engine build (MB) | model states ≈ (MB) |")
-    print("|---|---|---|---|")
+    print("\n| ZeRO stage (DP = 2) | peak RSS per rank (MB) | growth from engine build (MB) | "
+          "weights held (MB) | Adam moments held (MB) | model states ≈ (MB) |")
+    print("|---|---|---|---|---|---|")
     for m in r["memory"]:
-        print(f"| {m['stage']} | {m['peak_mb']:.0f} | {m['growth_mb']:.0f} | {m['predicted_mb']:.0f} |")
+        print(f"| {m['stage']} | {m['peak_mb']:.0f} | {m['growth_mb']:.0f} | {m['weights_mb']:.1f} | "
+              f"{m['moments_mb']:.1f} | {m['predicted_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -68,8 +68,14 @@ class UnsafeCheckpoint(UserError):
 
 def detail(err: Exception) -> str:
     """The informative line of torch's weights-only refusal (it names the offending global)."""
-    lines = str(err).splitlines()
-    return next((line.strip() for line in lines if "Unsupported global" in line),
+    text = str(err)
+    lines = text.splitlines()
+    named = next((line.strip() for line in lines if "Unsupported global" in line), None)
+    if named:
+        return named
+    # otherwise torch puts the unpickler's own message after a blank line, below a generic preamble
+    _, _, rest = text.partition("\n\n")
+    return next((line.strip() for line in rest.splitlines() if line.strip()),
                 lines[0] if lines else type(err).__name__)
 
 
