@@ -289,10 +289,12 @@ def _coerce(value: Any, tp, key: str, provenance: dict) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad()
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, provenance) if value is not None else _raise(bad())
+        return _coerce(value, inner[0], key, provenance)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad(f"one of {_type_name(tp)}")
@@ -331,10 +333,6 @@ def _coerce(value: Any, tp, key: str, provenance: dict) -> Any:
             raise bad("a string")
         return value
     raise TypeError(f"unsupported schema type {tp!r} for {key}")
-
-
-def _raise(e: Exception):
-    raise e
 
 
 def _build(cls, data: dict, prefix: str, provenance: dict):

@@ -60,6 +60,7 @@ def consolidated_view(ref: str | Path, weights: str) -> Iterator[Path]:
 def load_model(ref: str | Path, weights: str = "ema") -> Iterator[LoadedModel]:
     """The model of a checkpoint in this process (parallel state of one rank, torn down on exit)."""
     from prime_scale.checkpoint.reshard import load_consolidated_into, read_config
+    from prime_scale.checkpoint.training import name_map
     from prime_scale.model.transformer import ModelArgs, PrimeTransformer
     from prime_scale.parallel import state
 
@@ -75,9 +76,7 @@ def load_model(ref: str | Path, weights: str = "ema") -> Iterator[LoadedModel]:
         state.init(cfg)
         try:
             model = PrimeTransformer(ModelArgs.from_config(cfg, cfg.model.vocab_size))
-            name_map = {f"layers.{i}.{name}": f"{layer.layer_index}.{name}"
-                        for i, layer in enumerate(model.layers) for name, _ in layer.named_parameters()}
-            load_consolidated_into(model, folder, name_map=name_map)
+            load_consolidated_into(model, folder, name_map=name_map(model))
             model.eval()
             tok = folder / "tokenizer"
             yield LoadedModel(model, cfg, cfg.model.vocab_size, cfg.model.ell,
