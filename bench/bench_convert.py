@@ -39,7 +39,7 @@ def worker(spec: dict) -> None:
     import torch
 
     from prime_scale.checkpoint import store
-    from prime_scale.checkpoint.training import name_map, unpadded_sizes
+    from prime_scale.checkpoint.hooks import name_map, unpadded_sizes
     from prime_scale.config import load_recipe
     from prime_scale.engine import Engine, make_batch
     from prime_scale.parallel import state as pstate

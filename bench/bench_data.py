@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--parts", default="sharding,loader", help="comma-separated: sharding, loader")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from prime_scale.data import ensure_demo_corpus
+    from data_prep.demo import ensure_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -4,17 +4,20 @@ Documents: every topic of `pydoc_data.topics` (the reference sections of the Pyt
 every module of the standard library source tree, its docstrings (module, classes, functions, in
 source order) read with `ast` — nothing is imported, so no module runs. About 2 MB of text.
 
-Layout under ROOT (default data/demo):
-    corpus.jsonl     the extracted documents ({"text", "source"}), kept for inspection and reuse
-    tokenizer/       a sentencepiece BPE model trained on it (vocab 4096 by default)
-    L128/            the prepared MDS dataset for sequence length 128 (others: L256, …)
+Layout under the demo root: prime_scale/data/demo.py (the library reads what this module builds).
+`ensure_demo_corpus` is safe to call from every rank at once: the first caller takes an exclusive
+lock on ROOT/.build.lock (flock: released by the kernel when the process exits, so a crashed
+builder never leaves a stale lock) and builds what is missing; the others wait on the lock and then
+find the dataset complete. Each part is published atomically and the manifest is written last.
 """
 
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import os
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -23,8 +26,11 @@ from typing import Iterator, Optional
 from data_prep.readers import ReadOptions
 from data_prep.shard import ShardOptions, shard_corpus
 from data_prep.tokenizer_train import train_tokenizer
-from prime_scale.data.manifest import MANIFEST_NAME
+from prime_scale import fsio
+from prime_scale.data.demo import ROOT_ENV, dataset_dir, demo_root, is_complete
+from prime_scale.data.format import MANIFEST_NAME
 from prime_scale.data.tokenizer import load_tokenizer
+from prime_scale.errors import UserError
 
 DEMO_VOCAB = 4096  # small model, small corpus: b = 64 sub-token symbols at ell = 2
 DEMO_SEQ_LEN = 128
@@ -33,10 +39,6 @@ CORPUS_FILE = "corpus.jsonl"
 TOKENIZER_DIR = "tokenizer"
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3",
               "turtledemo"}
-
-
-def dataset_dir(root: Path, seq_len: int) -> Path:
-    return Path(root) / f"L{seq_len}"
 
 
 def _docstrings(node: ast.AST) -> Iterator[str]:
@@ -69,22 +71,17 @@ def demo_documents() -> Iterator[tuple[str, str]]:
 
 
 def write_corpus(path: Path) -> int:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for source, text in demo_documents():
-            f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+    lines = [json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+             for source, text in demo_documents()]
+    fsio.write_atomic(path, "".join(lines))
+    return len(lines)
 
 
 def build_demo(root: str | Path, seq_len: int = DEMO_SEQ_LEN, vocab_size: int = DEMO_VOCAB,
                workers: Optional[int] = None, log=print) -> Path:
     """Build whatever part of the demo is missing; return the dataset directory.
 
-    Not safe against a concurrent builder by itself: prime_scale.data.demo.ensure_demo_corpus
-    holds a file lock around it."""
+    Not safe against a concurrent builder by itself: ensure_demo_corpus holds a file lock around it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -104,3 +101,30 @@ def build_demo(root: str | Path, seq_len: int = DEMO_SEQ_LEN, vocab_size: int = 
                      ReadOptions(format="jsonl"), log=log, source_info={"kind": "demo"})
     log(f"demo: ready in {out} ({time.time() - t0:.1f}s)")
     return out
+
+
+def ensure_demo_corpus(root: Optional[str | Path] = None, seq_len: int = DEMO_SEQ_LEN, log=None) -> Path:
+    """The prepared demo dataset directory for `seq_len`, built first if absent or incomplete."""
+    root = demo_root(root)
+    target = dataset_dir(root, seq_len)
+    if is_complete(target):
+        return target
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".build.lock", "a+")
+    except OSError as e:
+        raise UserError(f"{root}: cannot create the demo corpus directory: {e.strerror}; set data.path, or "
+                        f"{ROOT_ENV} to a writable directory") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"demo: another process is building the demo corpus in {root}; waiting")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not is_complete(target):
+                build_demo(root, seq_len, log=log)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target

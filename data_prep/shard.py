@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -27,11 +28,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data_prep.publish import publish_dir
 from data_prep.readers import ReadOptions, ReadStats, empty_corpus_error, iter_documents
-from prime_scale import __version__
-from prime_scale.data.manifest import (MANIFEST_NAME, MANIFEST_VERSION, TOKENS_FIELD, token_dtype,
-                                       write_json_atomic)
+from prime_scale import __version__, fsio
+from prime_scale.data.format import MANIFEST_NAME, MANIFEST_VERSION, TOKENS_FIELD, token_dtype
 from prime_scale.data.tokenizer import Tokenizer, write_tokenizer_dir
 from prime_scale.errors import UserError
 
@@ -342,10 +341,10 @@ def shard_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path, o
             "created_by": f"prime-scale {__version__} (python {platform.python_version()})",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        fsio.write_atomic(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
 
     t0 = time.time()
-    publish_dir(out, build, opts.overwrite)
+    fsio.publish_dir(out, build, opts.overwrite)
     tr = manifest["splits"]["train"]
     msg = (f"shard: {stats.documents:,} documents -> {opts.format} {out}: train {tr['sequences']:,} sequences "
            f"of {opts.seq_len}")

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from data_prep.publish import publish_dir
 from data_prep.readers import ReadOptions, ReadStats, empty_corpus_error, iter_documents
 from prime_scale.data.tokenizer import SentencePieceTokenizer, write_tokenizer_dir
+from prime_scale import fsio
 from prime_scale.errors import UserError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -97,7 +97,7 @@ def train_tokenizer(inputs: Sequence[str], out: str | Path, vocab_size: int, mod
     tok = train_sentencepiece(itertools.chain([first], stream), vocab_size, model_type, threads, max_sentences)
     extra = {"model_type": model_type, "normalization": "identity (exact round trip)",
              "trained_on": {"inputs": list(inputs), **stats.as_dict(), "characters": chars}}
-    publish_dir(out, lambda tmp: write_tokenizer_dir(tok, tmp, extra), overwrite)
+    fsio.publish_dir(out, lambda tmp: write_tokenizer_dir(tok, tmp, extra), overwrite)
     log(f"tokenizer: {model_type} vocab {tok.vocab_size} from {stats.documents} documents "
         f"({chars / 1e6:.1f} M chars) in {time.time() - t0:.1f}s -> {out} [{tok.hash[:19]}]")
     return tok

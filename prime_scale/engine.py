@@ -10,14 +10,14 @@ Both: torch AdamW (`torch_adam`, no JIT-compiled optimizer), gradient clipping, 
 LR schedule of cfg.optim, and global batch = micro_batch × dp × gradient accumulation steps, so a
 recipe trains on the same global batches under every layout.
 
-Batches carry their Prime noise (t and y_t keyed by global sample index, prime.prime_noise): it is
-applied where the batch is built, so every pipeline stage and TP peer holds the same y_t, t, x0.
+Batches carry their Prime noise (prime_scale.noise): it is applied where the batch is built, so
+every pipeline stage and TP peer holds the same y_t, t, x0. Sizes, ranks and groups come from the
+ParallelState the engine is handed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -25,65 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from prime_scale import prime
 from prime_scale.config import Config
-from prime_scale.model import ModelArgs, PrimeObjective, PrimeTransformer, layer_builders
-from prime_scale.parallel.state import MegatronMPU, ParallelState
+from prime_scale.model import ModelArgs, PrimeObjective, PrimeTransformer, layer_builders, name_map
+from prime_scale.noise import Batch
+from prime_scale.optim import WeightEMA, lr_factor, parameter_groups
+from prime_scale.parallel.state import MegatronMPU, ParallelState, import_deepspeed
 
-EVAL_NOISE_STEP = 1 << 48  # noise key of validation draws: never a training step
-
-
-# --------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Batch:
-    """One micro-batch: clean tokens, the noisy sub-tokens and the per-sample diffusion time."""
-
-    x0: torch.Tensor  # [B, L] long
-    yt: torch.Tensor  # [B, L·ℓ] long
-    t: torch.Tensor  # [B] fp32
-    mask: torch.Tensor  # [B, L] bool: positions that count (padding rows of a held-out split do not)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.mask.sum())
-
-    def to(self, device) -> "Batch":
-        return Batch(self.x0.to(device), self.yt.to(device), self.t.to(device), self.mask.to(device))
-
-    def labels(self):
-        """What the loss needs: (x0, yt, t, mask); the last pipeline stage reads it directly."""
-        return self.x0, self.yt, self.t, self.mask
-
-
-def make_batch(input_ids: torch.Tensor, index: torch.Tensor, *, seed: int, step: int, global_batch: int,
-               vocab_size: int, ell: int, valid: Optional[torch.Tensor] = None) -> Batch:
-    """Noise a micro-batch of token ids by (seed, step, global sample index): independent of the
-    layout that reads it. `valid` [B] marks real rows (a loader pads the end of a held-out split)."""
-    x0 = input_ids.long()
-    t, mask = prime.prime_noise(seed, step, index.long(), global_batch, x0.shape[1], ell)
-    rows = torch.ones(x0.shape[0], dtype=torch.bool) if valid is None else valid.bool()
-    return Batch(x0=x0, yt=prime.apply_mask(x0, mask, vocab_size, ell), t=t,
-                 mask=rows.unsqueeze(1).expand_as(x0).contiguous())
-
-
-# --------------------------------------------------------------------------- schedule and config
-
-
-def lr_factor(cfg: Config, step: int) -> float:
-    """Multiplier of optim.lr for optimizer step `step` (0-based): linear warm-up to 1 over
-    warmup_steps, then constant, or cosine / linear decay to min_lr_ratio at train.steps."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    span = max(1, cfg.train.steps - o.warmup_steps)
-    progress = min(1.0, (step - o.warmup_steps) / span)
-    if o.schedule == "cosine":
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0 - (1 - o.min_lr_ratio) * progress
+# --------------------------------------------------------------------------- configuration
 
 
 def grad_accumulation_steps(cfg: Config, dp: int) -> int:
@@ -111,17 +59,6 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
     }
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases or embedding tables)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 # --------------------------------------------------------------------------- modules
 
 
@@ -138,43 +75,6 @@ class TrainModule(nn.Module):
         nll, mean = loss_fn.nll(self.model(yt), x0, yt, t, mask)
         count = float(nll.numel()) if mask is None else mask.sum().float()
         return mean, nll.sum(), torch.as_tensor(count)
-
-
-class WeightEMA:
-    """Exponential moving average of the weights this rank holds (its TP/PP slice, and under
-    ZeRO-3 its partition), kept in fp32. `swapped()` puts the averages into the live weights for
-    evaluation and restores the training weights afterwards, bit for bit."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        # ZeRO-3 keeps each rank's partition in p.ds_tensor (p.data is empty between uses)
-        self.tensors = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in module.parameters()]
-        self.shadow = [x.detach().float().clone() for x in self.tensors]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for avg, x in zip(self.shadow, self.tensors):
-            avg.mul_(self.decay).add_(x.float(), alpha=1.0 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped(self):
-        backup = [x.detach().clone() for x in self.tensors]
-        with torch.no_grad():
-            for x, avg in zip(self.tensors, self.shadow):
-                x.copy_(avg)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for x, saved in zip(self.tensors, backup):
-                    x.copy_(saved)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for avg, saved in zip(self.shadow, state["shadow"]):
-            avg.copy_(saved)
 
 
 class _NLLSum:
@@ -202,11 +102,12 @@ class Engine:
     """One interface over DeepSpeed's engine (pp = 1) and pipeline engine (pp > 1)."""
 
     def __init__(self, cfg: Config, state: ParallelState, vocab_size: int, init_from: Optional[str] = None):
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.cfg, self.state = cfg, state
-        self.args = ModelArgs.from_config(cfg, vocab_size)
-        self.objective = PrimeObjective(vocab_size, cfg.model.ell, cfg.model.objective, cfg.model.carry_over)
+        self.args = ModelArgs.from_config(cfg, vocab_size, tp=state.tp, tp_rank=state.tp_rank)
+        self.objective = PrimeObjective(vocab_size, cfg.model.ell, cfg.model.objective, cfg.model.carry_over,
+                                        tp_rank=state.tp_rank, tp_group=state.tp_group)
         self.gas = grad_accumulation_steps(cfg, state.dp)
         self.pipeline = state.pp > 1
         ds_cfg = deepspeed_config(cfg, state.dp)
@@ -228,10 +129,10 @@ class Engine:
             module = TrainModule(PrimeTransformer(self.args), self.objective)
             mpu = MegatronMPU()
         if init_from is not None:  # consolidated weights, resharded to this layout before DeepSpeed copies them
-            from prime_scale.checkpoint.reshard import load_consolidated_into
-            from prime_scale.checkpoint.training import name_map
+            from prime_scale.export.reshard import load_consolidated_into
 
-            load_consolidated_into(module, init_from, name_map=name_map(module))
+            load_consolidated_into(module, init_from, name_map=name_map(module), tp_rank=state.tp_rank,
+                                   tp_size=state.tp)
         self.ds, _, _, self.lr_scheduler = deepspeed.initialize(
             model=module, model_parameters=parameter_groups(module, cfg.optim.weight_decay), config=ds_cfg,
             mpu=mpu, lr_scheduler=scheduler, dist_init_required=False)
@@ -251,17 +152,15 @@ class Engine:
 
     @torch.no_grad()
     def _clip_before_step(self, optimizer, *_):
-        from megatron.core import parallel_state as mps
-
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        tp_rank = mps.get_tensor_model_parallel_rank()
+        tp_rank = self.state.tp_rank
         # TP-sharded parameters count on every TP rank, replicated ones once; stages add up
         sq = torch.zeros((), dtype=torch.float64, device=self.state.device)
         for p in params:
             if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
                 sq += p.grad.detach().double().pow(2).sum()
         if self.state.tp * self.state.pp > 1:
-            dist.all_reduce(sq, group=mps.get_model_parallel_group())
+            dist.all_reduce(sq, group=self.state.model_parallel_group)
         norm = float(sq.sqrt())
         self._norm = norm
         clip = self.cfg.optim.clip
@@ -278,11 +177,6 @@ class Engine:
 
     def current_lr(self) -> float:
         return float(self.lr_scheduler.get_last_lr()[0])
-
-    def _dp_group(self):
-        from megatron.core import parallel_state as mps
-
-        return mps.get_data_parallel_group()
 
     # ---- training
 
@@ -308,7 +202,7 @@ class Engine:
             # every micro-batch has the same token count: the global mean is the mean of means
             total /= len(micro_batches)
             if self.state.dp > 1:
-                dist.all_reduce(total, group=self._dp_group())
+                dist.all_reduce(total, group=self.state.dp_group)
                 total /= self.state.dp
             loss = float(total)
         if self.ema is not None:
@@ -337,7 +231,7 @@ class Engine:
             _, nll_sum, count = self.ds(b.yt, b.x0, b.t, b.mask, objective=objective)
             sums += torch.stack([nll_sum.double(), count.to(device).double()])
         if self.state.dp > 1:
-            dist.all_reduce(sums, group=self._dp_group())
+            dist.all_reduce(sums, group=self.state.dp_group)
         self.ds.train()
         return float(sums[0]), float(sums[1])
 
@@ -354,5 +248,5 @@ class Engine:
         total = mean * len(micro_batches) * self.state.dp
         tokens = torch.tensor(float(sum(b.tokens for b in micro_batches)), dtype=torch.float64, device=device)
         if self.state.dp > 1:
-            dist.all_reduce(tokens, group=self._dp_group())
+            dist.all_reduce(tokens, group=self.state.dp_group)
         return total, float(tokens)

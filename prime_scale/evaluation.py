@@ -37,8 +37,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from prime_scale.errors import UserError
-from prime_scale.prime import (EPS, apply_mask, carry_over_log_probs, joint_loss, plain_log_probs,
-                               prime_noise, subtoken_elbo)
+from prime_scale.noise import prime_noise
+from prime_scale.prime import EPS, apply_mask, carry_over_log_probs, joint_loss, plain_log_probs, subtoken_elbo
 
 EVAL_STEP_KEY = -1  # training keys its noise by steps >= 0; evaluation by negative pass keys
 

@@ -1,4 +1,4 @@
-"""A trained model in one process, for evaluation and sampling.
+"""A trained model in one process, for evaluation and sampling: loading, and generating text.
 
 Takes a consolidated checkpoint (a directory written by `prime-scale convert`) or a sharded one
 (a step_<N> folder, a checkpoint directory or a run directory: it is consolidated into a temporary
@@ -28,6 +28,7 @@ class LoadedModel:
     ell: int
     tokenizer_dir: Optional[Path]
     source: Path
+    weights: str  # "ema" or "raw": which weights of the run these are
 
     @torch.no_grad()
     def logits(self, yt: torch.Tensor) -> torch.Tensor:
@@ -40,13 +41,19 @@ def is_consolidated(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def consolidated_view(ref: str | Path, weights: str) -> Iterator[Path]:
+def consolidated_view(ref: str | Path, weights: str = "auto") -> Iterator[Path]:
     """A consolidated directory for ref: ref itself, or a temporary conversion of a sharded checkpoint."""
-    from prime_scale.checkpoint.consolidate import consolidate
-    from prime_scale.checkpoint.manifest import resolve_checkpoint
+    from prime_scale.checkpoint.catalog import resolve_checkpoint
+    from prime_scale.export.consolidate import consolidate
+
+    from prime_scale.export.reshard import read_config
 
     path = Path(ref)
     if is_consolidated(path):
+        exported = read_config(path).get("weights", "raw")
+        if weights not in ("auto", exported):
+            raise UserError(f"{path}: this export holds the {exported} weights only (prime-scale convert "
+                            f"--weights {weights} makes one with the {weights} weights); use --weights auto")
         yield path
         return
     folder = resolve_checkpoint(path)
@@ -57,11 +64,10 @@ def consolidated_view(ref: str | Path, weights: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def load_model(ref: str | Path, weights: str = "ema") -> Iterator[LoadedModel]:
+def load_model(ref: str | Path, weights: str = "auto") -> Iterator[LoadedModel]:
     """The model of a checkpoint in this process (parallel state of one rank, torn down on exit)."""
-    from prime_scale.checkpoint.reshard import load_consolidated_into, read_config
-    from prime_scale.checkpoint.training import name_map
-    from prime_scale.model.transformer import ModelArgs, PrimeTransformer
+    from prime_scale.export.reshard import load_consolidated_into, read_config
+    from prime_scale.model import ModelArgs, PrimeTransformer, name_map
     from prime_scale.parallel import state
 
     with consolidated_view(ref, weights) as folder:
@@ -80,6 +86,71 @@ def load_model(ref: str | Path, weights: str = "ema") -> Iterator[LoadedModel]:
             model.eval()
             tok = folder / "tokenizer"
             yield LoadedModel(model, cfg, cfg.model.vocab_size, cfg.model.ell,
-                              tok if tok.is_dir() else None, Path(ref))
+                              tok if tok.is_dir() else None, Path(ref), meta.get("weights", "raw"))
         finally:
             state.destroy()
+
+
+def generate(loaded: LoadedModel, *, steps: int, num: int, length: Optional[int] = None, top_p: float = 1.0,
+             temperature: float = 1.0, prompt: Optional[str] = None, carry_over: bool = True,
+             seed: int = 0) -> tuple[list[str], "SampleResult"]:
+    """Decoded texts and the SampleResult of the ancestral sub-token sampler (prime_scale.sampling)."""
+    from prime_scale.data import load_tokenizer
+    from prime_scale.sampling import INVALID_TOKEN, ancestral_sample
+
+    if loaded.tokenizer_dir is None:
+        raise UserError(f"{loaded.source}: the checkpoint carries no tokenizer, so samples cannot be decoded")
+    tok = load_tokenizer(loaded.tokenizer_dir)
+    length = length or loaded.cfg.model.seq_len
+    if not 1 <= length <= loaded.cfg.model.seq_len:
+        raise UserError(f"--length must be between 1 and model.seq_len={loaded.cfg.model.seq_len}, got {length}")
+    prefix = None
+    if prompt:
+        prefix = torch.tensor([tok.bos_id, *tok.encode(prompt)], dtype=torch.long)
+    result = ancestral_sample(loaded.logits, num, length, loaded.vocab_size, loaded.ell, steps,
+                              top_p=top_p, temperature=temperature, prefix=prefix, carry_over=carry_over,
+                              generator=torch.Generator().manual_seed(seed))
+    special = {tok.bos_id, tok.pad_id, INVALID_TOKEN}
+    texts = []
+    for row in result.tokens.tolist():
+        body = [i for i in row if i not in special and i >= 0]
+        if tok.eos_id in body:  # a document ends at its EOS
+            body = body[: body.index(tok.eos_id)]
+        texts.append(tok.decode(body))
+    return texts, result
+
+
+def recipe_of(ref: str | Path) -> Config:
+    """The resolved recipe a checkpoint was trained with (consolidated or sharded), without its weights."""
+    from prime_scale.checkpoint.catalog import read_manifest, resolve_checkpoint
+    from prime_scale.export.reshard import read_config
+
+    path = Path(ref)
+    if is_consolidated(path):
+        tree, where = read_config(path)["recipe"], f"{path}/config.json"
+    else:
+        folder = resolve_checkpoint(path)
+        tree, where = read_manifest(folder)["recipe"], f"{folder}/manifest.json"
+    return config_from_dict(tree, where=where)
+
+
+def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optional[str] = None,
+                        split: str = "val", batch_size: int = 8, max_batches: Optional[int] = None,
+                        seed: int = 0, mc_samples: Optional[int] = None):
+    """The bound (prime_scale.evaluation) of a checkpoint on a split of its data (or of `data`)."""
+    import dataclasses
+    import itertools
+
+    from prime_scale.data import build_loader
+    from prime_scale.evaluation import evaluate_bound
+
+    with load_model(ref, weights) as loaded:
+        cfg = loaded.cfg
+        source = dataclasses.replace(cfg.data, num_workers=0, shuffle=False)
+        if data is not None:
+            source = dataclasses.replace(source, path=data, mixture=[])
+        cfg = dataclasses.replace(cfg, data=source)
+        loader = build_loader(cfg, split, 0, 1, batch_size, seed, epoch_limit=1)
+        batches = itertools.islice(iter(loader), max_batches)
+        return evaluate_bound(loaded.logits, batches, vocab_size=loaded.vocab_size, ell=loaded.ell, seed=seed,
+                              mc_samples=mc_samples or cfg.eval.mc_samples, carry_over=cfg.model.carry_over)

@@ -1,4 +1,4 @@
-"""The Prime objective (partial masking through sub-tokens), exactly as ../shared/docs/prime-method.md.
+"""The Prime objective (partial masking through sub-tokens), as docs/method.md describes it.
 
 Pure torch: no distributed imports, any device, any batch shape. Notation:
   V      vocabulary size;  ell  token granularity (sub-tokens per token);  b = base_for(V, ell)
@@ -105,7 +105,8 @@ def plain_log_probs(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the two losses
 
 
-def _normalise(nll: torch.Tensor, attention_mask: torch.Tensor | None):
+def attended_mean(nll: torch.Tensor, attention_mask: torch.Tensor | None):
+    """(nll with unattended positions zeroed, the mean over the attended ones)."""
     if attention_mask is None:
         return nll, nll.sum() / nll.numel()
     keep = attention_mask.bool()
@@ -118,7 +119,7 @@ def joint_loss(log_p: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, attention
     makes fully unmasked tokens contribute 0), divided by the attended token count.
     Returns (nll [B, L], mean)."""
     lp = log_p.gather(-1, x0.long().unsqueeze(-1)).squeeze(-1)
-    return _normalise(-lp / t.float().unsqueeze(-1), attention_mask)
+    return attended_mean(-lp / t.float().unsqueeze(-1), attention_mask)
 
 
 def digit_marginal_log_probs(log_p: torch.Tensor, y0: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
@@ -143,51 +144,7 @@ def subtoken_elbo(log_p: torch.Tensor, x0: torch.Tensor, yt: torch.Tensor, t: to
     lm = digit_marginal_log_probs(log_p, y0, vocab_size, ell)
     masked = (yt == b).unflatten(-1, lm.shape[-2:])
     per_digit = torch.where(masked, -lm, torch.zeros_like(lm))
-    return _normalise(per_digit.sum(-1) / t.float().unsqueeze(-1), attention_mask)
-
-
-# --------------------------------------------------------------------------- noise
-
-
-def antithetic_t(u: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Low-discrepancy time inside a batch of n: u_i <- (u_i / n + i / n) mod 1, t = (1 - eps) u + eps."""
-    n = u.shape[0]
-    strata = torch.arange(n, device=u.device, dtype=u.dtype) / n
-    return (1 - eps) * ((u / n + strata) % 1.0) + eps
-
-
-def _key(seed: int, step: int, index: int) -> int:
-    """A 63-bit generator seed from (seed, step, global sample index) (splitmix64 finaliser)."""
-    mask64 = (1 << 64) - 1
-    z = 0
-    for part in (seed, step, index):
-        z = (z ^ (part & mask64)) * 0x9E3779B97F4A7C15 & mask64
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask64
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask64
-        z ^= z >> 31
-    return z & ((1 << 63) - 1)
-
-
-def prime_noise(seed: int, step: int, sample_index: torch.Tensor, global_batch: int, seq_len: int,
-                ell: int, eps: float = EPS):
-    """t [B] (fp32) and the sub-token mask [B, L*ell] (bool) for each sample, drawn from a generator
-    keyed by (run seed, step or eval pass, GLOBAL sample index): the same sample gets the same noise
-    under every (TP, PP, DP) layout and batch split, and a resumed run repeats exactly.
-
-    Antithetic time across the global batch: the sample's stratum is its index mod global_batch
-    (its position inside the global batch for consecutively indexed data; t stays exactly uniform
-    for any index)."""
-    n = int(global_batch)
-    ts, masks = [], []
-    for idx in sample_index.tolist():
-        g = torch.Generator().manual_seed(_key(seed, step, int(idx)))
-        u = torch.rand((), generator=g, dtype=torch.float64)
-        t = (1 - eps) * (((u + (int(idx) % n)) / n) % 1.0) + eps
-        ts.append(t)
-        masks.append(torch.rand(seq_len * ell, generator=g, dtype=torch.float64) < (1 - eps) * t)
-    t = torch.stack(ts).float() if ts else torch.zeros(0)
-    mask = torch.stack(masks) if masks else torch.zeros(0, seq_len * ell, dtype=torch.bool)
-    return t.to(sample_index.device), mask.to(sample_index.device)
+    return attended_mean(per_digit.sum(-1) / t.float().unsqueeze(-1), attention_mask)
 
 
 def prime_loss(logits: torch.Tensor, x0: torch.Tensor, yt: torch.Tensor, t: torch.Tensor,

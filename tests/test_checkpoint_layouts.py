@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from prime_scale import cli
-from prime_scale.checkpoint import manifest as mf
-from test_checkpoint_harness import V, launch, load_refs
+from prime_scale.checkpoint import catalog as mf
+from harness.checkpoints import V, launch, load_refs
 
 LAYOUTS = [
     {"name": "tp2_z0", "tp": 2, "zero": 0, "ema": True},                    # module files, fp32

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from prime_scale import cli
-from prime_scale.checkpoint import manifest as mf
+from prime_scale.checkpoint import catalog as mf
 from prime_scale.checkpoint import safe_load
-from test_checkpoint_harness import popen_single
+from harness.checkpoints import popen_single
 
 STEPS = 6
 

@@ -123,13 +123,12 @@ def _evaluate_consolidated(recipe: str, consolidated: str, n_micro: int) -> dict
     logits, the validation batches and noise keys the trainer used."""
     import torch
 
-    from prime_scale.checkpoint.reshard import load_consolidated_into
-    from prime_scale.checkpoint.training import name_map
+    from prime_scale.export.reshard import load_consolidated_into
     from prime_scale.config import load_recipe
     from prime_scale.data.loader import build_loader
-    from prime_scale.engine import EVAL_NOISE_STEP
+    from prime_scale.noise import EVAL_NOISE_STEP
     from prime_scale.evaluation import evaluate_bound
-    from prime_scale.model import ModelArgs, PrimeTransformer
+    from prime_scale.model import ModelArgs, PrimeTransformer, name_map
     from prime_scale.parallel import state as pstate
 
     cfg = load_recipe(recipe, ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=0"])

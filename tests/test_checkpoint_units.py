@@ -11,10 +11,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from prime_scale.checkpoint import manifest as mf
-from prime_scale.checkpoint import rng, shards
-from prime_scale.checkpoint.safetensors_stream import StreamWriter
-from prime_scale.checkpoint.store import TopologyChanged, _weights_only_problem, check_layout, tokenizer_identity
+from prime_scale.checkpoint import catalog as mf
+from prime_scale.checkpoint import rng
+from prime_scale.export import shards
+from prime_scale.export.safetensors_stream import StreamWriter
+from prime_scale.checkpoint.layout import TopologyChanged, check_layout
+from prime_scale.checkpoint.store import _weights_only_problem
+from prime_scale.data.tokenizer import tokenizer_identity
+from prime_scale.model import naming
+from prime_scale import fsio
 from prime_scale.errors import UserError
 
 
@@ -98,8 +103,8 @@ def test_resolve_checkpoint_accepts_folder_dir_and_run_dir(tmp_path):
 
 def test_write_atomic_replaces_whole_content(tmp_path):
     f = tmp_path / "latest"
-    mf.write_atomic(f, "step_1")
-    mf.write_atomic(f, "step_22")
+    fsio.write_atomic(f, "step_1")
+    fsio.write_atomic(f, "step_22")
     assert f.read_text() == "step_22"
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]
 
@@ -126,11 +131,11 @@ def test_tp_split_and_join_follow_megatron(world, stride, dim):
 
 def test_partition_info_reads_megatron_attributes():
     p = torch.nn.Parameter(torch.zeros(4, 4))
-    assert shards.partition_info(p) == (None, 1)
+    assert naming.partition_info(p) == (None, 1)
     p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 1, 2
-    assert shards.partition_info(p) == (1, 2)
+    assert naming.partition_info(p) == (1, 2)
     p.tensor_model_parallel = False
-    assert shards.partition_info(p) == (None, 1)
+    assert naming.partition_info(p) == (None, 1)
 
 
 def test_stream_writer_round_trips_through_safetensors(tmp_path):

@@ -8,7 +8,8 @@ import torch
 
 from prime_scale.cli import main as cli
 from prime_scale.config import load_recipe
-from prime_scale.data import build_loader, ensure_demo_corpus, load_tokenizer, read_manifest
+from data_prep.demo import ensure_demo_corpus
+from prime_scale.data import build_loader, load_tokenizer, open_dataset
 
 
 def _ensure(root, queue):
@@ -32,7 +33,7 @@ def test_demo_corpus_concurrent_build_then_train_batches(tmp_path, monkeypatch, 
     builds = [logs for _, logs in results if any("demo: ready" in m for m in logs)]
     assert len(builds) == 1  # the other rank waited on the lock (or came after) and built nothing
 
-    m = read_manifest(root / "L128")
+    m = open_dataset(root / "L128")
     assert (m["format"], m["vocab_size"], m["seq_len"]) == ("mds", 4096, 128)
     assert m["splits"]["train"]["tokens"] > 300_000 and m["splits"]["val"]["sequences"] > 100
     assert m["source"]["kind"] == "demo"
@@ -56,7 +57,7 @@ def test_demo_corpus_concurrent_build_then_train_batches(tmp_path, monkeypatch, 
     logs = []
     ensure_demo_corpus(root, log=logs.append)
     assert not any("documents from CPython" in s for s in logs) and any("shard:" in s for s in logs)
-    again = read_manifest(root / "L128")
+    again = open_dataset(root / "L128")
     assert again["tokenizer"]["hash"] == tok_hash
     assert again["splits"] == m["splits"]
     assert np.array_equal(next(iter(build_loader(cfg, "train", 0, 1, 16, seed=0)))["input_ids"], batch["input_ids"])

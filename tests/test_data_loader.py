@@ -14,7 +14,7 @@ from data_prep.demo import demo_documents
 from data_prep.shard import ShardOptions, shard_corpus
 from data_prep.tokenizer_train import train_tokenizer
 from prime_scale.config import load_recipe
-from prime_scale.data import build_loader, check_manifest, read_manifest
+from prime_scale.data import build_loader, check_manifest, open_dataset
 from prime_scale.data.order import CHUNK, MixtureOrder
 from prime_scale.data.shm import SHM_NAME as STREAMING_SHM
 from prime_scale.data.streaming_compat import import_streaming
@@ -76,7 +76,7 @@ def _rank_worker(path, dp_rank, dp_world, micro, steps, queue):
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_every_sample_once_across_two_ranks_with_two_workers(data, fmt):
     path = data / fmt
-    n = read_manifest(path)["splits"]["train"]["sequences"]
+    n = open_dataset(path)["splits"]["train"]["sequences"]
     micro, world = 8, 2
     steps = -(-n // (micro * world))
     ctx = mp.get_context("fork")
@@ -106,7 +106,7 @@ def test_every_sample_once_across_two_ranks_with_two_workers(data, fmt):
 
 def test_seeded_order_each_epoch_a_permutation(data):
     path = data / "mds"
-    n = read_manifest(path)["splits"]["train"]["sequences"]
+    n = open_dataset(path)["splits"]["train"]["sequences"]
     cfg = cfg_for(path, workers=0)
     cfg.data.shuffle_block = 50  # several shuffle blocks per epoch
     a = stacked(take(build_loader(cfg, "train", 0, 1, 10, seed=1), -(-3 * n // 10)))
@@ -130,7 +130,7 @@ def test_seeded_order_each_epoch_a_permutation(data):
 def test_exact_resume_mid_epoch_and_across_epochs(data, fmt):
     path = data / fmt
     cfg = cfg_for(path)
-    n = read_manifest(path)["splits"]["train"]["sequences"]
+    n = open_dataset(path)["splits"]["train"]["sequences"]
     micro = 16
     total = -(-n // micro) + 6  # beyond the first epoch
     full = take(build_loader(cfg, "train", 0, 1, micro, seed=3), total)
@@ -173,7 +173,7 @@ def test_resume_with_another_dp_world_reshards_exactly(data):
 def test_validation_is_one_padded_pass(data):
     path = data / "mds"
     cfg = cfg_for(path)
-    n = read_manifest(path)["splits"]["val"]["sequences"]
+    n = open_dataset(path)["splits"]["val"]["sequences"]
     loaders = [build_loader(cfg, "val", r, 2, 16, seed=0) for r in range(2)]
     passes = [[list(ld) for ld in loaders] for _ in range(2)]
     for batches in passes:
@@ -189,8 +189,8 @@ def test_validation_is_one_padded_pass(data):
 
 def test_mixture_weights_offsets_and_content(data):
     a, b = data / "mds", data / "b"
-    na = read_manifest(a)["splits"]["train"]["sequences"]
-    nb = read_manifest(b)["splits"]["train"]["sequences"]
+    na = open_dataset(a)["splits"]["train"]["sequences"]
+    nb = open_dataset(b)["splits"]["train"]["sequences"]
     cfg = load_recipe(None, [f"model.seq_len={SEQ}", "data.num_workers=0",
                              f"data.mixture=[{{path: '{a}', weight: 1}}, {{path: '{b}', weight: 3}}]"])
     loader = build_loader(cfg, "train", 0, 1, 64, seed=0)
@@ -225,7 +225,7 @@ def test_resume_refuses_a_different_data_order(data):
 
 
 def test_manifest_and_recipe_mismatches(data, tmp_path):
-    m = read_manifest(data / "mds")
+    m = open_dataset(data / "mds")
     where = str(data / "mds" / "manifest.json")
     with pytest.raises(UserError, match=rf"{where}: .*vocab_size is 500.*model.vocab_size=1000"):
         check_manifest(load_recipe(None, ["model.vocab_size=1000", f"model.seq_len={SEQ}"]), m, where)
@@ -234,10 +234,10 @@ def test_manifest_and_recipe_mismatches(data, tmp_path):
     with pytest.raises(UserError, match="the dataset is mds.*data.format=wds"):
         build_loader(cfg_for(data / "mds", "data.format=wds"), "train", 0, 1, 4, 0)
     with pytest.raises(UserError, match="manifest.json: not found: this is not a prepared dataset"):
-        read_manifest(tmp_path)
+        open_dataset(tmp_path)
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(UserError, match="manifest.json: not valid JSON"):
-        read_manifest(tmp_path)
+        open_dataset(tmp_path)
     with pytest.raises(UserError, match="rank 2 is outside the world of 2"):
         build_loader(cfg_for(data / "mds"), "train", 2, 2, 4, 0)
     # a mixture of datasets made with different tokenizers is refused
@@ -262,7 +262,7 @@ def test_remote_uri_and_compressed_shards_read_the_same(data, tmp_path, monkeypa
     cached = list((tmp_path / "cache" / "datasets").iterdir())
     assert len(cached) == 1 and list(cached[0].glob("train/shard.*.mds"))
     with pytest.raises(UserError, match=r"file://.*/nowhere/manifest.json: not found"):
-        read_manifest(f"file://{tmp_path / 'nowhere'}")
+        open_dataset(f"file://{tmp_path / 'nowhere'}")
     zst = stacked(take(build_loader(cfg_for(data / "zst"), "train", 0, 1, 16, 0), 20), "input_ids")
     np.testing.assert_array_equal(zst, local)
 

@@ -15,7 +15,7 @@ from data_prep.readers import ReadOptions
 from data_prep.shard import ShardOptions, shard_corpus
 from data_prep.tokenizer_train import train_tokenizer
 from prime_scale.cli import main as cli
-from prime_scale.data import load_tokenizer, read_manifest
+from prime_scale.data import load_tokenizer, open_dataset
 from prime_scale.data.streaming_compat import import_streaming
 from prime_scale.data.tokenizer import ExternalTokenizer
 from prime_scale.errors import UserError
@@ -61,7 +61,7 @@ def test_round_trip_text_to_shards_to_text(tmp_path, corpus, fmt):
                      ShardOptions(seq_len=SEQ, format=fmt, val_fraction=0.3, workers=2, shard_bytes=20_000,
                                   progress=False), log=lambda s: None)
     reader = read_mds if fmt == "mds" else read_wds
-    assert m == {k: v for k, v in read_manifest(out).items() if k not in ("dataset_dir", "uri")}
+    assert m == {k: v for k, v in open_dataset(out).items() if k not in ("dataset_dir", "uri")}
     for split in ("train", "val"):
         docs = [t for t in texts if is_val(t, 0.3) == (split == "val")]
         expected = np.concatenate([np.array(tok.encode(t) + [tok.eos_id]) for t in docs])
@@ -166,7 +166,7 @@ def test_cli_shard_and_inspect(tmp_path, corpus, capsys):
             "--seq-len", str(SEQ), "--val-fraction", "0.3", "--no-progress"]
     assert cli(args + ["--format", "wds", "--out", str(tmp_path / "w")]) == 0
     assert cli(args + ["--compression", "zstd", "--shard-size", "16KB", "--out", str(tmp_path / "z")]) == 0
-    assert read_manifest(tmp_path / "w")["format"] == "wds"
+    assert open_dataset(tmp_path / "w")["format"] == "wds"
     assert list((tmp_path / "z" / "train").glob("*.mds.zstd"))
     capsys.readouterr()
     assert cli(["prep", "inspect", str(tmp_path / "w"), "--decode", "1"]) == 0

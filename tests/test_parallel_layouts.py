@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_harness import launch
+from harness.dist import launch
 
 V, L, STEPS, ROWS = 300, 16, 4, 64
 BASE = [f"model.vocab_size={V}", "model.layers=2", "model.hidden=64", "model.heads=4", f"model.seq_len={L}",
@@ -52,7 +52,7 @@ def run_layouts(layouts: list):
     import torch
     import torch.distributed as dist
 
-    from dist_harness import port
+    from harness.dist import port
     from prime_scale.config import load_recipe
     from prime_scale.engine import Engine, make_batch
     from prime_scale.parallel import state as pstate

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from prime_scale import prime
+from prime_scale import noise, prime
 
 CASES = [(2, 1), (5, 2), (16, 2), (27, 3), (100, 2), (81, 4), (256, 8), (1000, 3), (50257, 1),
          (50257, 2), (50257, 3), (50257, 4), (50257, 6), (50257, 8), (7, 5)]
@@ -225,7 +225,7 @@ def test_bound_is_tight_for_the_ideal_model_and_joint_is_not_a_bound(V, L, ell):
 
 def test_antithetic_t_one_sample_per_stratum():
     n = 16
-    t = prime.antithetic_t(torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    t = noise.stratified_time(torch.rand(n, generator=torch.Generator().manual_seed(0)), torch.arange(n), n)
     u = (t - prime.EPS) / (1 - prime.EPS)
     assert sorted((u * n).floor().long().tolist()) == list(range(n))
     assert float(t.min()) >= prime.EPS and float(t.max()) <= 1.0
@@ -233,27 +233,27 @@ def test_antithetic_t_one_sample_per_stratum():
 
 def test_noise_is_independent_of_batch_split():
     index = torch.arange(100, 116)
-    t_all, m_all = prime.prime_noise(7, 3, index, 16, 12, 3)
-    parts = [prime.prime_noise(7, 3, chunk, 16, 12, 3) for chunk in (index[:5], index[5:6], index[6:])]
+    t_all, m_all = noise.prime_noise(7, 3, index, 16, 12, 3)
+    parts = [noise.prime_noise(7, 3, chunk, 16, 12, 3) for chunk in (index[:5], index[5:6], index[6:])]
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), t_all, rtol=0, atol=0)
     assert torch.equal(torch.cat([p[1] for p in parts]), m_all)
     # a permuted batch gives each sample its own noise
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
-    t_p, m_p = prime.prime_noise(7, 3, index[perm], 16, 12, 3)
+    t_p, m_p = noise.prime_noise(7, 3, index[perm], 16, 12, 3)
     assert torch.equal(t_p, t_all[perm]) and torch.equal(m_p, m_all[perm])
 
 
 def test_noise_differs_across_step_seed_and_sample():
     index = torch.arange(8)
-    base_t, base_m = prime.prime_noise(0, 0, index, 8, 64, 2)
-    for other in (prime.prime_noise(1, 0, index, 8, 64, 2), prime.prime_noise(0, 1, index, 8, 64, 2),
-                  prime.prime_noise(0, 0, index + 8, 8, 64, 2)):
+    base_t, base_m = noise.prime_noise(0, 0, index, 8, 64, 2)
+    for other in (noise.prime_noise(1, 0, index, 8, 64, 2), noise.prime_noise(0, 1, index, 8, 64, 2),
+                  noise.prime_noise(0, 0, index + 8, 8, 64, 2)):
         assert not torch.equal(other[0], base_t) and not torch.equal(other[1], base_m)
 
 
 def test_noise_stratified_over_global_batch_and_mask_rate_follows_t():
     n, L, ell = 64, 128, 2
-    t, m = prime.prime_noise(3, 11, torch.arange(n * 5, n * 6), n, L, ell)
+    t, m = noise.prime_noise(3, 11, torch.arange(n * 5, n * 6), n, L, ell)
     u = (t.double() - prime.EPS) / (1 - prime.EPS)
     assert sorted((u * n).floor().long().tolist()) == list(range(n))
     rate = m.double().mean(1)

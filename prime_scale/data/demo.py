@@ -1,28 +1,36 @@
-"""`ensure_demo_corpus`: the embedded default data, built once, safe to call from every rank at once.
+"""Where the embedded demo corpus lives (the data a recipe reads when data.path and data.mixture
+are unset). The library only reads it; data_prep/demo.py builds it (`prime-scale prep demo`, or
+`prime-scale train` on first use).
 
-The first caller takes an exclusive lock on ROOT/.build.lock (flock: released by the kernel when
-the process exits, so a crashed builder never leaves a stale lock) and builds what is missing;
-the others block on the lock and then find the dataset complete. Each part is published by an
-atomic rename, and the dataset's manifest is written last, so "manifest present" means complete.
-No torch.distributed is needed: ranks on one machine share the file system and the lock.
+Layout under the demo root ($PRIME_SCALE_DEMO_DIR, else data/demo relative to the working directory):
+    corpus.jsonl     the extracted documents, kept for inspection and reuse
+    tokenizer/       the sentencepiece model trained on them
+    L128/            the prepared dataset for sequence length 128 (others: L256, …)
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
-from prime_scale.data.manifest import MANIFEST_NAME, read_manifest_file
+from prime_scale.data.format import MANIFEST_NAME, read_manifest_file
 from prime_scale.errors import UserError
 
 DEFAULT_ROOT = "data/demo"
-ROOT_ENV = "PRIME_SCALE_DEMO_DIR"  # where the demo lives when no root is passed
+ROOT_ENV = "PRIME_SCALE_DEMO_DIR"
 
 
-def _complete(dataset: Path) -> bool:
+def demo_root(root: Optional[str | Path] = None) -> Path:
+    return Path(root if root is not None else os.environ.get(ROOT_ENV, DEFAULT_ROOT))
+
+
+def dataset_dir(root: Path, seq_len: int) -> Path:
+    return Path(root) / f"L{seq_len}"
+
+
+def is_complete(dataset: Path) -> bool:
+    """A prepared dataset is complete once its manifest exists and validates (it is written last)."""
     if not (dataset / MANIFEST_NAME).is_file():
         return False
     try:
@@ -32,32 +40,10 @@ def _complete(dataset: Path) -> bool:
     return True
 
 
-def ensure_demo_corpus(root: Optional[str | Path] = None, seq_len: int = 128, log=None) -> Path:
-    """The prepared demo dataset directory for `seq_len`, built first if absent or incomplete."""
-    from data_prep.demo import dataset_dir
-
-    root = Path(root if root is not None else os.environ.get(ROOT_ENV, DEFAULT_ROOT))
-    target = dataset_dir(root, seq_len)
-    if _complete(target):
-        return target
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".build.lock", "a+")
-    except OSError as e:
-        raise UserError(f"{root}: cannot create the demo corpus directory: {e.strerror}; set data.path, or "
-                        f"{ROOT_ENV} to a writable directory") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"demo: another process is building the demo corpus in {root}; waiting")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not _complete(target):
-                from data_prep.demo import build_demo
-
-                build_demo(root, seq_len, log=log)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def demo_dataset(seq_len: int, root: Optional[str | Path] = None) -> Path:
+    """The prepared demo dataset for seq_len; a UserError saying how to build it when it is absent."""
+    target = dataset_dir(demo_root(root), seq_len)
+    if not is_complete(target):
+        raise UserError(f"{target}: the demo corpus for model.seq_len={seq_len} is not built; run "
+                        f"`prime-scale prep demo --seq-len {seq_len}` (or set data.path to a prepared dataset)")
     return target

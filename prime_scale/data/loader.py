@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from prime_scale.data.manifest import check_manifest, manifest_path, read_manifest, split_info
+from prime_scale.data.demo import demo_dataset
+from prime_scale.data.format import check_manifest, manifest_path, split_info
 from prime_scale.data.order import DEFAULT_BLOCK, MixtureOrder, SequentialOrder
 from prime_scale.data.sources import open_source
+from prime_scale.data.uri import open_dataset
 from prime_scale.data.streaming_compat import import_streaming
 from prime_scale.errors import UserError
 
@@ -207,16 +209,14 @@ def _datasets(cfg) -> list[tuple[str, float]]:
         return [(e.path, float(e.weight)) for e in cfg.data.mixture]
     if cfg.data.path:
         return [(cfg.data.path, 1.0)]
-    from prime_scale.data.demo import ensure_demo_corpus
-
-    return [(str(ensure_demo_corpus(seq_len=cfg.model.seq_len)), 1.0)]
+    return [(str(demo_dataset(cfg.model.seq_len)), 1.0)]
 
 
 def load_manifests(cfg, split: str = "train") -> list[dict]:
     """Manifests of the recipe's datasets, checked against the recipe and against each other."""
     manifests = []
     for path, _ in _datasets(cfg):
-        m = read_manifest(path)
+        m = open_dataset(path)
         where = manifest_path(m)
         if cfg.data.format != "auto" and cfg.data.format != m["format"]:
             raise UserError(f"{where}: the dataset is {m['format']}, but the recipe sets data.format="
@@ -237,7 +237,7 @@ def load_manifests(cfg, split: str = "train") -> list[dict]:
 
 def build_loader(cfg, split: str, dp_rank: int, dp_world: int, micro_batch: int, seed: int,
                  epoch_limit: Optional[int] = None) -> Loader:
-    """The loader of a recipe's data (data.path, data.mixture, or the demo corpus) for one DP rank."""
+    """The loader of a recipe's data (data.path, data.mixture, or the built demo corpus) for one DP rank."""
     if not 0 <= dp_rank < dp_world:
         raise UserError(f"data-parallel rank {dp_rank} is outside the world of {dp_world}")
     if micro_batch < 1:

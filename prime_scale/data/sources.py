@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prime_scale.data.manifest import TOKENS_FIELD, split_info
+from prime_scale.data.format import TOKENS_FIELD, split_info
 from prime_scale.data.remote import fetch, is_remote
 from prime_scale.errors import UserError
 

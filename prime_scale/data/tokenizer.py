@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
+from prime_scale.data.format import MANIFEST_NAME, SP_MODEL, TOKENIZER_META
+from prime_scale.data.remote import is_remote
+from prime_scale.data.uri import open_dataset
 from prime_scale.errors import UserError
 
-TOKENIZER_META = "tokenizer.json"
-SP_MODEL = "tokenizer.model"
 
 
 class Tokenizer:
@@ -45,8 +47,17 @@ class Tokenizer:
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
+def content_hash(chunks: Iterable[bytes]) -> str:
+    """sha256 hex digest over byte strings: the one way a tokenizer's identity is computed."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def sha256_bytes(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    """The identity datasets record for the model they were tokenized with (Tokenizer.hash)."""
+    return "sha256:" + content_hash([data])
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -161,11 +172,8 @@ def _from_meta(meta: dict, base: Path, where: str) -> Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load from a prepared dataset directory (its manifest), a tokenizer directory, or a .model file."""
-    from prime_scale.data.manifest import MANIFEST_NAME, read_manifest
-    from prime_scale.data.remote import is_remote
-
     if is_remote(str(path)) or (Path(path) / MANIFEST_NAME).is_file():
-        m = read_manifest(path)
+        m = open_dataset(path)
         spec = m["tokenizer"]
         base = Path(m["dataset_dir"]) / spec["dir"] if spec.get("dir") else Path(m["dataset_dir"])
         if spec["kind"] == "sentencepiece" and (base / TOKENIZER_META).is_file():
@@ -188,3 +196,35 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise UserError(f"{path}: no tokenizer here (expected a prepared dataset with {MANIFEST_NAME}, a directory "
                     f"with {TOKENIZER_META} or {SP_MODEL}, or a .model file); train one with "
                     "`prime-scale prep tokenizer`")
+
+
+# --------------------------------------------------------------------------- files of a tokenizer directory
+
+
+def _tokenizer_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    raise UserError(f"tokenizer {path}: no such file or directory (recorded in the checkpoint as the run's "
+                    "tokenizer)")
+
+
+def tokenizer_identity(path: Union[str, Path]) -> dict:
+    """The identity a checkpoint records for the tokenizer it copies: sha256 over the files of a
+    tokenizer directory (or one file), names and contents: equal identities decode alike."""
+    path = Path(path)
+    files = _tokenizer_files(path)
+    base = path if path.is_dir() else path.parent
+    names = [str(f.relative_to(base)) for f in files]
+    digest = content_hash(part for name, f in zip(names, files) for part in (name.encode() + b"\0", f.read_bytes()))
+    return {"source": str(path.resolve()), "files": names, "sha256": digest}
+
+
+def copy_tokenizer_files(src: Path, files: list[str], dst: Path) -> None:
+    """Copy a tokenizer's files (relative names, as tokenizer_identity lists them) into a new directory."""
+    base = src if src.is_dir() else src.parent
+    dst.mkdir()
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(base / rel, dst / rel)

@@ -16,7 +16,7 @@ The model is a plain sequence of layers (`layer_builders`), so a pipeline engine
 stages; `PrimeTransformer` chains them in one module. Every layer draws its initial weights from a
 generator seeded by (seed, layer index), and megatron initialises each full matrix before taking its
 TP slice: the initial weights are identical under every (TP, PP, DP) layout.
-It knows nothing about launchers or engines; parallelism comes from megatron's parallel_state.
+It knows nothing about launchers or engines; its TP degree and rank come in ModelArgs.
 """
 
 from __future__ import annotations
@@ -31,29 +31,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from prime_scale import prime
+from prime_scale.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class ModelArgs:
+    """What the model is built from: the recipe's model section (its fields read through, e.g.
+    `args.hidden`), plus what the run decides: the vocabulary (from the data), the seed of the
+    initial weights and this rank's place in the tensor-parallel group."""
+
+    config: ModelConfig
     vocab_size: int
-    ell: int = 1
-    layers: int = 2
-    hidden: int = 128
-    heads: int = 4
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    seq_len: int = 128
-    rotary_base: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
     seed: int = 0
+    tp: int = 1  # tensor-parallel degree
+    tp_rank: int = 0
 
     @classmethod
-    def from_config(cls, cfg, vocab_size: int) -> "ModelArgs":
-        m = cfg.model
-        return cls(vocab_size=vocab_size, ell=m.ell, layers=m.layers, hidden=m.hidden, heads=m.heads,
-                   mlp_ratio=m.mlp_ratio, dropout=m.dropout, seq_len=m.seq_len, rotary_base=m.rotary_base,
-                   norm_eps=m.norm_eps, init_std=m.init_std, seed=cfg.seed)
+    def from_config(cls, cfg, vocab_size: int, tp: int = 1, tp_rank: int = 0) -> "ModelArgs":
+        return cls(config=cfg.model, vocab_size=vocab_size, seed=cfg.seed, tp=tp, tp_rank=tp_rank)
+
+    def __getattr__(self, name: str):
+        config = self.__dict__.get("config")  # absent while unpickling
+        if config is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(config, name)
 
     @property
     def base(self) -> int:
@@ -68,18 +69,12 @@ def padded(size: int, tp: int) -> int:
     return -(-size // tp) * tp
 
 
-def _tp():
-    from megatron.core import parallel_state as mps
-
-    return mps.get_tensor_model_parallel_world_size(), mps.get_tensor_model_parallel_rank()
-
-
 def _megatron_config(args: ModelArgs):
     from megatron.core import ModelParallelConfig
 
     # CPU initialisation: each full matrix is drawn on the host, then sliced for this TP rank
     # (layout-independent weights; also megatron's only initialisation path that runs without CUDA)
-    return ModelParallelConfig(tensor_model_parallel_size=_tp()[0], use_cpu_initialization=True,
+    return ModelParallelConfig(tensor_model_parallel_size=args.tp, use_cpu_initialization=True,
                                perform_initialization=True, params_dtype=torch.float32,
                                sequence_parallel=False, gradient_accumulation_fusion=False)
 
@@ -127,7 +122,7 @@ class PrimeEmbedding(PrimeLayer):
             if args.ell == 1:
                 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
-                tp, _ = _tp()
+                tp = args.tp
                 self.embed = VocabParallelEmbedding(padded(table, tp), args.hidden,
                                                     init_method=_normal(args.init_std, rows=table),
                                                     config=_megatron_config(args))
@@ -175,7 +170,7 @@ class Block(PrimeLayer):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         self.layer_index, self.args = layer_index, args
-        tp, _ = _tp()
+        tp = args.tp
         self.local_heads = args.heads // tp
         cfg = _megatron_config(args)
         init = _normal(args.init_std)
@@ -233,7 +228,7 @@ class PrimeHead(PrimeLayer):
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         self.layer_index, self.args = layer_index, args
-        tp, rank = _tp()
+        tp, rank = args.tp, args.tp_rank
         self.padded_vocab = padded(args.vocab_size, tp)
         self.local_vocab = self.padded_vocab // tp
         self.vocab_start = rank * self.local_vocab
@@ -277,15 +272,6 @@ class PrimeTransformer(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return h
-
-
-def canonical_named_parameters(module: nn.Module):
-    """(name, parameter) with layout-independent names "<layer index>.<path in layer>", for
-    whatever part of the sequence this process holds (a whole model or one pipeline stage)."""
-    for layer in module.modules():
-        if isinstance(layer, PrimeLayer):
-            for name, param in layer.named_parameters():
-                yield f"{layer.layer_index}.{name}", param
 
 
 def count_parameters(args: ModelArgs) -> dict:

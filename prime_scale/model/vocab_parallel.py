@@ -169,49 +169,9 @@ class _PrimeNLL(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
 
 
-def _normalise(nll: torch.Tensor, attention_mask):
-    """Same reduction as prime_scale.prime: zero the unattended positions, divide by their count."""
-    if attention_mask is None:
-        return nll, nll.sum() / nll.numel()
-    keep = attention_mask.bool()
-    nll = torch.where(keep, nll, torch.zeros_like(nll))
-    return nll, nll.sum() / keep.sum().clamp(min=1)
-
-
 def prime_loss_parallel(logits_shard, x0, yt, t, attention_mask, vocab_size: int, ell: int, *,
                         vocab_start: int, group=None, objective: str = "prime_elbo", carry_over: bool = True):
     """(nll [B, L], mean) of the chosen objective from this rank's logits shard. Every rank of the
     tensor-parallel `group` gets the same values; gradients flow to the local shard only."""
     nll = _PrimeNLL.apply(logits_shard, x0, yt, t, vocab_size, ell, vocab_start, objective, carry_over, group)
-    return _normalise(nll, attention_mask)
-
-
-def prime_joint(logits_shard, x0, yt, t, attention_mask, vocab_size, ell, *, vocab_start, group=None,
-                carry_over=True):
-    """The paper's objective (a) (prime_scale.prime.joint_loss) on vocab shards. Not an NLL bound."""
-    return prime_loss_parallel(logits_shard, x0, yt, t, attention_mask, vocab_size, ell, vocab_start=vocab_start,
-                               group=group, objective="prime_joint", carry_over=carry_over)
-
-
-def prime_elbo(logits_shard, x0, yt, t, attention_mask, vocab_size, ell, *, vocab_start, group=None,
-               carry_over=True):
-    """The sub-token ELBO (b) (prime_scale.prime.subtoken_elbo) on vocab shards: the valid bound."""
-    return prime_loss_parallel(logits_shard, x0, yt, t, attention_mask, vocab_size, ell, vocab_start=vocab_start,
-                               group=group, objective="prime_elbo", carry_over=carry_over)
-
-
-@torch.no_grad()
-def carry_over_log_probs_parallel(logits_shard, yt, vocab_size: int, ell: int, *, vocab_start: int,
-                                  group=None, carry_over: bool = True) -> torch.Tensor:
-    """This shard's slice of prime.carry_over_log_probs (fp32, −inf on excluded classes and on
-    padding), from one MAX and one SUM all-reduce over the tensor-parallel group."""
-    B, L, local = logits_shard.shape
-    z = _restricted_logits(logits_shard, yt, vocab_size, ell, vocab_start, carry_over)
-    if carry_over and ell == 1:  # a visible token keeps only itself
-        visible = yt.reshape(B, L) != prime.base_for(vocab_size, 1)
-        classes = torch.arange(vocab_start, vocab_start + local, device=z.device)
-        z.masked_fill_(visible.unsqueeze(-1) & (classes != yt.reshape(B, L, 1)), float("-inf"))
-    z = _shift_by_max(z, group, vocab_size)
-    z.masked_fill_(z < EXCLUDED / 2, float("-inf"))
-    log_z = _all_reduce(torch.exp(z).sum(-1), dist.ReduceOp.SUM, group).log()
-    return z - log_z.unsqueeze(-1)
+    return prime.attended_mean(nll, attention_mask)

@@ -9,19 +9,17 @@ Everything here is inert when CUDA is available: GPU runs take the libraries' ow
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 MODEL_PARALLEL_STREAM = "model-parallel-rng"  # megatron's name for the per-TP-rank stream
 
 
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def device(local_rank: int = 0) -> torch.device:
-    """The device this rank computes on."""
-    return torch.device("cuda", local_rank) if cuda() else torch.device("cpu")
+def use_deepspeed_cpu_accelerator() -> None:
+    """DeepSpeed picks its accelerator at import; without CUDA it must be told to take the CPU one
+    (unless the user chose one)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class CpuRNGStatesTracker:
@@ -71,7 +69,7 @@ def seed_model_parallel_stream(seed: int, tp_rank: int) -> None:
     On CUDA this is megatron's own model_parallel_cuda_manual_seed."""
     from megatron.core.tensor_parallel import random as mrandom
 
-    if cuda():
+    if torch.cuda.is_available():
         mrandom.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0,
                                                 force_reset_rng=True)
         return

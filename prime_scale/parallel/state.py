@@ -1,6 +1,6 @@
 """The one parallel-state module: process group, megatron-core groups, DeepSpeed topology, seeds.
 
-Start-up order (measured in ../shared/docs/stack-notes.md; others fail):
+Start-up order (measured with deepspeed 0.19 and megatron-core 0.16; others fail, docs/training.md):
   read the launcher's environment → threads per rank → torch process group (gloo on CPU, nccl on
   GPU) → skip DeepSpeed's CPU shared-memory op → deepspeed.init_distributed →
   megatron initialize_model_parallel(tp, pp) → DeepSpeed PipeModelDataParallelTopology, checked
@@ -9,6 +9,9 @@ Start-up order (measured in ../shared/docs/stack-notes.md; others fail):
 Rank layout shared by both libraries: rank = tp_rank + TP·dp_rank + TP·DP·pp_rank (megatron's
 default order "tp-cp-ep-dp-pp"; DeepSpeed's axes pipe, data, model). We refuse to run if they
 ever disagree, because a silent mismatch trains with the wrong peers.
+
+This is the one module that reads megatron-core's global parallel state: everything else (the model,
+the losses, the engine, checkpoints) is handed the sizes, ranks and groups held in ParallelState.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import datetime
 import importlib
 import os
 import random
-import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -27,82 +29,7 @@ import torch.distributed as dist
 from prime_scale.config import Config, resolve_dp
 from prime_scale.errors import UserError
 from prime_scale.parallel import cpu_compat
-
-LAUNCH_HELP = ("start several processes with `torchrun --nproc-per-node N -m prime_scale.train ...`, "
-               "`deepspeed --num_gpus N ...` or `prime-scale train --nproc N`")
-
-
-# --------------------------------------------------------------------------- launcher environment
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-
-
-def _int_var(environ: Mapping[str, str], name: str) -> Optional[int]:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} is not an integer; {LAUNCH_HELP}") from None
-    if value < 0:
-        raise UserError(f"environment variable {name}={value} is negative; {LAUNCH_HELP}")
-    return value
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
-    """The rank layout the launcher gave this process. No launcher variables at all means a
-    single process. A partial or inconsistent set is an error naming the variable."""
-    environ = os.environ if environ is None else environ
-    rank, world = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
-    local_rank = _int_var(environ, "LOCAL_RANK")
-    if rank is None and world is None and local_rank is None:
-        return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port())
-    missing = [n for n, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)) if v is None]
-    if missing:
-        raise UserError(f"launcher environment incomplete: {', '.join(missing)} not set while "
-                        f"{'RANK' if rank is not None else 'WORLD_SIZE' if world is not None else 'LOCAL_RANK'} "
-                        f"is; {LAUNCH_HELP}")
-    if world < 1:
-        raise UserError(f"environment variable WORLD_SIZE={world} must be at least 1")
-    if rank >= world:
-        raise UserError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}; {LAUNCH_HELP}")
-    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
-    local_world = _int_var(environ, "LOCAL_WORLD_SIZE") or _int_var(environ, "LOCAL_SIZE") or 1
-    if local_rank >= max(local_world, 1) and local_world > 1:
-        raise UserError(f"environment variable LOCAL_RANK={local_rank} is not below the local world size "
-                        f"{local_world}; {LAUNCH_HELP}")
-    addr = environ.get("MASTER_ADDR")
-    port = _int_var(environ, "MASTER_PORT")
-    if world > 1 and (not addr or port is None):
-        raise UserError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set; {LAUNCH_HELP}")
-    return LaunchEnv(rank, world, local_rank, max(local_world, 1), addr or "127.0.0.1", port or _free_port())
-
-
-def threads_per_rank(local_world_size: int, environ: Optional[Mapping[str, str]] = None) -> int:
-    """OMP_NUM_THREADS when the user set it (torchrun sets 1), else the cores this process may use
-    divided among the ranks of this node, so ranks never oversubscribe the cores."""
-    environ = os.environ if environ is None else environ
-    explicit = _int_var(environ, "OMP_NUM_THREADS")
-    if explicit:
-        return explicit
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
-
+from prime_scale.parallel.launch import read_launch_env, threads_per_rank
 
 # --------------------------------------------------------------------------- the state
 
@@ -123,14 +50,9 @@ class ParallelState:
     device: torch.device
     topology: object  # deepspeed PipeModelDataParallelTopology
     threads: int
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+    tp_group: object  # torch process groups (megatron's)
+    dp_group: object
+    model_parallel_group: object  # TP × PP: the ranks that hold one replica of the model
 
     @property
     def is_logging_rank(self) -> bool:
@@ -154,6 +76,29 @@ def get_state() -> ParallelState:
     if _STATE is None:
         raise RuntimeError("prime_scale.parallel.state.init() has not been called in this process")
     return _STATE
+
+
+def compute_device(local_rank: int) -> torch.device:
+    """The device a rank computes on: its GPU, or the CPU on a machine without CUDA."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where tensors for a collective of the current process group must live (NCCL: the GPU)."""
+    if _STATE is not None:
+        return _STATE.device
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def import_deepspeed():
+    """deepspeed, imported with the accelerator of this machine: it picks one when first imported."""
+    if not torch.cuda.is_available():
+        cpu_compat.use_deepspeed_cpu_accelerator()
+    import deepspeed
+
+    return deepspeed
 
 
 def _skip_deepspeed_shm_op() -> None:
@@ -182,7 +127,7 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
     threads = threads_per_rank(env.local_world_size, environ)
     torch.set_num_threads(threads)
 
-    use_cuda = cpu_compat.cuda()
+    use_cuda = torch.cuda.is_available()
     if use_cuda:
         if env.local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
@@ -195,8 +140,9 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
 
     if not use_cuda:
+        import_deepspeed()
         _skip_deepspeed_shm_op()
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
@@ -214,7 +160,9 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
         tp=tp, pp=pp, dp=dp, rank=env.rank, world_size=env.world_size,
         tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
         dp_rank=mps.get_data_parallel_rank(), local_rank=env.local_rank,
-        device=cpu_compat.device(env.local_rank), topology=topology, threads=threads,
+        device=compute_device(env.local_rank),
+        topology=topology, threads=threads, tp_group=mps.get_tensor_model_parallel_group(),
+        dp_group=mps.get_data_parallel_group(), model_parallel_group=mps.get_model_parallel_group(),
     )
     seed_everything(cfg.seed, _STATE)
     return _STATE

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from prime_scale import fsio
 from prime_scale.errors import UserError
 
 FORMAT = "prime-scale-checkpoint"
@@ -124,26 +125,7 @@ def resolve_checkpoint(ref: Path) -> Path:
                     "directory or a run directory")
 
 
-# --------------------------------------------------------------------------- writing helpers (rank 0)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see either the old content or the new one, never a part."""
-    tmp = path.with_name(path.name + TMP_MARK + str(os.getpid()))
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+# --------------------------------------------------------------------------- publishing and retention (rank 0)
 
 
 def list_files(folder: Path) -> list[dict]:
@@ -152,8 +134,7 @@ def list_files(folder: Path) -> list[dict]:
     for root, _, names in os.walk(folder):
         for name in sorted(names):
             p = Path(root) / name
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+            fsio.fsync_file(p)
             files.append({"path": str(p.relative_to(folder)), "bytes": p.stat().st_size})
     return sorted(files, key=lambda e: e["path"])
 

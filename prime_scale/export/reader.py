@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
-import os
 import re
-import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
-from prime_scale.checkpoint import manifest as mf
-from prime_scale.checkpoint import safe_load, shards
-from prime_scale.checkpoint.safetensors_stream import StreamWriter
+from prime_scale.checkpoint import safe_load
+from prime_scale.checkpoint.layout import Coords
+from prime_scale.checkpoint.store import EMA_DIR, EMA_PER_RANK, ema_file
 from prime_scale.errors import UserError
+from prime_scale.export import shards
 
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 OSD = "optimizer_state_dict"
@@ -234,8 +232,6 @@ class ShardedReader:
         return t
 
     def _read_ema(self, piece: Piece) -> torch.Tensor:
-        from prime_scale.checkpoint.store import EMA_DIR, EMA_PER_RANK, Coords, ema_file
-
         mode = self.manifest["ema"]
         if mode != EMA_PER_RANK:
             coords = Coords(0, 0, piece.tp, 0, piece.pp, 0, 0, 0)
@@ -305,131 +301,3 @@ def output_dtype(p: TensorPlan, dtype: Optional[torch.dtype]) -> torch.dtype:
     if not p.dtype.is_floating_point:
         return p.dtype
     return dtype or torch.float32
-
-
-def iter_tensors(folder: Path, weights: str = "raw", dtype: Optional[torch.dtype] = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(canonical name, full tensor) for every tensor of a checkpoint folder, one at a time."""
-    folder = Path(folder)
-    manifest = mf.read_manifest(folder)
-    plans = plan(manifest)
-    budget = max(MIN_BUDGET, max((p.nbytes_fp32 for p in plans), default=0))
-    reader = ShardedReader(folder, manifest, weights, budget)
-    for p in plans:
-        yield p.name, reader.full(p).to(output_dtype(p, dtype))
-
-
-def state_dict(folder: Path, weights: str = "raw", dtype: Optional[torch.dtype] = None) -> dict:
-    """The whole consolidated model in memory (for small models and in-process evaluation)."""
-    return dict(iter_tensors(folder, weights, dtype))
-
-
-# --------------------------------------------------------------------------- config.json and tokenizer
-
-
-def model_config(manifest: dict, weights: str, dtype: torch.dtype) -> dict:
-    """config.json: everything an evaluator or sampler needs to rebuild the model from the file."""
-    from prime_scale.prime import base_for
-
-    recipe = manifest.get("recipe") or {}
-    model = dict(recipe.get("model") or {})
-    vocab = manifest.get("vocab_size") or model.get("vocab_size")
-    if vocab is not None:
-        model["vocab_size"] = int(vocab)
-    ell = int(model.get("ell", 1))
-    return {
-        "format": "prime-scale-consolidated",
-        "version": 1,
-        "model": model,
-        "vocab_size": model.get("vocab_size"),
-        "ell": ell,
-        "base": base_for(int(vocab), ell) if vocab is not None else None,
-        "objective": model.get("objective"),
-        "weights": weights,
-        "dtype": str(dtype).removeprefix("torch."),
-        "step": manifest["step"],
-        "source_layout": manifest["layout"],
-        "tokenizer": ({k: manifest["tokenizer"][k] for k in ("files", "sha256")}
-                      if manifest.get("tokenizer") else None),
-        "precision": recipe.get("precision"),
-        "seed": recipe.get("seed"),
-        "recipe": recipe,
-    }
-
-
-def copy_tokenizer(folder: Path, manifest: dict, out: Path) -> Optional[list[str]]:
-    """Copy the run's tokenizer files next to the weights; the sha256 recorded at save time must match."""
-    from prime_scale.checkpoint.store import tokenizer_identity
-
-    tok = manifest.get("tokenizer")
-    if not tok:
-        return None
-    candidates = [folder / tok["copy"]] if tok.get("copy") else []
-    candidates.append(Path(tok["source"]))
-    for src in candidates:
-        if src.exists() and tokenizer_identity(src)["sha256"] == tok["sha256"]:
-            dst = out / "tokenizer"
-            dst.mkdir()
-            base = src if src.is_dir() else src.parent
-            for rel in tok["files"]:
-                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(base / rel, dst / rel)
-            return tok["files"]
-    raise UserError(f"{folder}: the run's tokenizer (sha256 {tok['sha256'][:12]}…) is neither in the checkpoint "
-                    f"nor unchanged at {tok['source']}")
-
-
-# --------------------------------------------------------------------------- the whole conversion
-
-
-@dataclasses.dataclass
-class Report:
-    out: Path
-    tensors: int
-    total_bytes: int
-    largest_bytes: int
-    largest_name: str
-
-
-def consolidate(ckpt: Path, out: Path, weights: str = "raw", dtype: Optional[torch.dtype] = None) -> Report:
-    """Write `out/model.safetensors`, `out/config.json` and `out/tokenizer/` from a checkpoint folder.
-    The output appears atomically: everything is written to a temporary sibling and renamed."""
-    folder = Path(ckpt)
-    out = Path(out)
-    manifest = mf.read_manifest(folder)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; choose another --out or remove it")
-    plans = plan(manifest)
-    entries = [(p.name, output_dtype(p, dtype), p.shape) for p in plans]
-    sizes = [(math.prod(s) * torch.empty((), dtype=d).element_size(), n) for n, d, s in entries]
-    largest_bytes, largest_name = max(sizes, default=(0, ""))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + mf.TMP_MARK + str(os.getpid()))
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        dtype_out = dtype or torch.float32
-        meta = {"format": "prime-scale", "weights": weights, "step": str(manifest["step"])}
-        budget = max(MIN_BUDGET, max((p.nbytes_fp32 for p in plans), default=0))
-        reader = ShardedReader(folder, manifest, weights, budget)
-        with StreamWriter(tmp / "model.safetensors", entries, meta) as writer:
-            for p, (name, d, _) in zip(plans, entries):
-                writer.write(name, reader.full(p).to(d))
-        reader.files.cache.clear()
-        config = model_config(manifest, weights, dtype_out)
-        config["params"] = {p.name: {"partition_dim": p.partition_dim, "partition_stride": p.stride,
-                                     "padded_to_tp": p.unpadded_size is not None}
-                            for p in plans if p.kind == "param"}
-        copy_tokenizer(folder, manifest, tmp)
-        mf.write_atomic(tmp / "config.json", json.dumps(config, indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        mf.fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Report(out, len(plans), writer.total_bytes, largest_bytes, largest_name)
-

@@ -9,7 +9,7 @@
 - A checkpoint of another model, seed, tokenizer or layout is refused before anything is loaded,
   naming what differs and what to do.
 
-The trainer stays unaware of files: this module plugs into Trainer's hooks and saves what Trainer
+The trainer stays unaware of checkpoint files: this module plugs into Trainer's hooks and saves what Trainer
 exposes (TrainState, the data loader's state_dict, the engine's EMA).
 """
 
@@ -18,8 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from prime_scale.checkpoint import manifest as mf
+from prime_scale import fsio
+from prime_scale.checkpoint import catalog as mf
+from prime_scale.checkpoint.layout import Coords, check_layout, engine_layout
+from prime_scale.data.tokenizer import tokenizer_identity
 from prime_scale.errors import UserError
+from prime_scale.model.naming import name_map, unpadded_sizes
 
 # recipe sections that must match for a checkpoint to continue a run exactly
 MUST_MATCH = ("model", "seed")
@@ -29,14 +33,10 @@ def checkpoint_dir(cfg) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
 
 
-def preflight(cfg, resume: Optional[str], init_from: Optional[str]) -> None:
-    """Checks that need no process group, run before anything starts: a new run must not write
-    into a checkpoint directory of an earlier run; a named checkpoint must exist and be complete; a
-    consolidated checkpoint to start from must be of this model."""
+def check_resume(cfg, resume: Optional[str]) -> None:
+    """Before anything starts: a new run must not write into a checkpoint directory of an earlier
+    run; a named checkpoint must exist and be complete."""
     directory = checkpoint_dir(cfg)
-    if resume is not None and init_from is not None:
-        raise UserError("give either --resume (continue a run) or --init-from (start a new run from "
-                        "consolidated weights), not both")
     if resume is None:
         existing = mf.find_latest_complete(directory)
         if existing is not None:
@@ -44,25 +44,6 @@ def preflight(cfg, resume: Optional[str], init_from: Optional[str]) -> None:
                             f"it with --resume auto, or give this run another run.dir or checkpoint.dir")
     elif resume != "auto":
         mf.resolve_checkpoint(Path(resume))
-    if init_from is not None:
-        check_init_from(cfg, Path(init_from))
-
-
-# model arguments that fix the shapes of the weights
-SHAPE_KEYS = ("layers", "hidden", "heads", "mlp_ratio", "ell", "vocab_size")
-
-
-def check_init_from(cfg, path: Path) -> None:
-    from prime_scale.checkpoint.reshard import read_config, weights_file
-
-    weights_file(path)
-    saved = read_config(path).get("model") or {}
-    current = cfg.to_dict()["model"]
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, recipe {current.get(k)!r}" for k in SHAPE_KEYS
-            if not (k == "vocab_size" and current.get(k) is None) and saved.get(k) != current.get(k)]
-    if diff:
-        raise UserError(f"{path}: the weights are of another model shape ({'; '.join(diff)}); set the recipe's "
-                        "model section to the checkpoint's (config.json)")
 
 
 def install(trainer, resume: Optional[str]) -> "TrainingCheckpoints":
@@ -70,28 +51,6 @@ def install(trainer, resume: Optional[str]) -> "TrainingCheckpoints":
     trainer.before_loop_hooks.insert(0, hooks.before_loop)
     trainer.after_step_hooks.append(hooks.after_step)
     return hooks
-
-
-def name_map(module) -> dict[str, str]:
-    """The engine's local parameter names -> the model's layout-independent names."""
-    from prime_scale.model import canonical_named_parameters
-
-    canonical = {id(p): name for name, p in canonical_named_parameters(module)}
-    return {local: canonical[id(p)] for local, p in module.named_parameters() if id(p) in canonical}
-
-
-def unpadded_sizes(module, vocab_size: int) -> dict[str, int]:
-    """Tensors the model pads to a multiple of the TP degree, with their true row counts: the
-    output head's vocabulary rows, and the sub-token table when it is vocab-parallel (ℓ = 1)."""
-    from prime_scale.model import PrimeEmbedding, PrimeHead
-
-    sizes = {}
-    for layer in module.modules():
-        if isinstance(layer, PrimeHead):
-            sizes[f"{layer.layer_index}.out.weight"] = vocab_size
-        elif isinstance(layer, PrimeEmbedding) and layer.args.ell == 1:
-            sizes[f"{layer.layer_index}.embed.weight"] = layer.args.base + 1
-    return sizes
 
 
 def _tokenizer_dir(trainer) -> Optional[Path]:
@@ -123,7 +82,7 @@ def truncate_metrics(path: Path, step: int) -> int:
     lines = path.read_text().splitlines()
     keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(keep) != len(lines):
-        mf.write_atomic(path, "".join(line + "\n" for line in keep))
+        fsio.write_atomic(path, "".join(line + "\n" for line in keep))
     return len(lines) - len(keep)
 
 
@@ -156,7 +115,7 @@ class TrainingCheckpoints:
             meta={"recipe": t.cfg.to_dict(), "vocab_size": t.vocab_size, "tokenizer": _tokenizer_dir(t),
                   "tokenizer_spec": t.train_loader.tokenizer, "tokens_seen": t.state.tokens_seen},
             keep_last=t.cfg.checkpoint.keep_last, name_map=name_map(module),
-            unpadded=unpadded_sizes(module, t.vocab_size))
+            unpadded=unpadded_sizes(module, t.vocab_size), where=Coords.of(t.par))
         self.last_saved = t.state.step
         if t.par.is_logging_rank:
             print(f"  checkpoint @ step {t.state.step}: {path}", flush=True)
@@ -186,7 +145,7 @@ class TrainingCheckpoints:
 
         manifest = mf.read_manifest(folder)
         self.check_compatible(folder, manifest)
-        restored = store.load(trainer.engine.ds, folder.parent, folder.name)
+        restored = store.load(trainer.engine.ds, folder.parent, folder.name, where=Coords.of(trainer.par))
         trainer.state.load_state_dict(restored.extra["train"])
         trainer.train_loader.load_state_dict(restored.extra["loader"])
         if trainer.engine.ema is not None:
@@ -214,7 +173,7 @@ class TrainingCheckpoints:
                             "a new run from its weights after `prime-scale convert`")
         tok = manifest.get("tokenizer")
         tok_dir = _tokenizer_dir(t)
-        if tok and tok_dir is not None and store.tokenizer_identity(tok_dir)["sha256"] != tok["sha256"]:
+        if tok and tok_dir is not None and tokenizer_identity(tok_dir)["sha256"] != tok["sha256"]:
             raise UserError(f"{folder}: the data's tokenizer ({tok_dir}) is not the one the checkpoint was "
                             "trained with; resume with the original data")
-        store.check_layout(manifest, store.engine_layout(t.engine.ds), folder)
+        check_layout(manifest, engine_layout(t.engine.ds, Coords.of(t.par)), folder)

@@ -14,19 +14,9 @@ from typing import Optional, Union
 
 import torch
 
-from prime_scale.checkpoint import shards
-from prime_scale.checkpoint.store import NameMap, _canonical, _persistent_buffers
 from prime_scale.errors import UserError
-
-
-def _tp_from_megatron() -> tuple[int, int]:
-    try:
-        from megatron.core import parallel_state as ps
-    except ImportError:
-        return 0, 1
-    if not ps.model_parallel_is_initialized():
-        return 0, 1
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+from prime_scale.export import shards
+from prime_scale.model.naming import NameMap, canonical_name, partition_info, persistent_buffers
 
 
 def weights_file(path: Union[str, Path]) -> Path:
@@ -74,26 +64,25 @@ def _read_padded(f, name: str, full_shape: list[int], dim: int, padded_size: int
 
 @torch.no_grad()
 def load_consolidated_into(model: torch.nn.Module, path: Union[str, Path], *, name_map: NameMap = None,
-                           tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> list[str]:
+                           tp_rank: int = 0, tp_size: int = 1) -> list[str]:
     """Copy a consolidated checkpoint (a directory from prime-scale convert, or its model.safetensors)
     into `model`'s own parameters and persistent buffers. name_map: the model's local names ->
-    canonical names (as given to checkpoint.save). TP rank/size default to megatron's parallel state.
+    canonical names (as given to checkpoint.save); tp_rank / tp_size: this rank's place in the
+    tensor-parallel group the model was built for.
     Every parameter must be found with a compatible shape. Returns the canonical names loaded."""
     from safetensors import safe_open
 
     f_path = weights_file(path)
-    if tp_rank is None or tp_size is None:
-        tp_rank, tp_size = _tp_from_megatron()
     loaded = []
     with safe_open(str(f_path), framework="pt", device="cpu") as f:
         names = set(f.keys())
-        targets = [(n, p, shards.partition_info(p)) for n, p in model.named_parameters()]
-        targets += [(n, b, (None, 1)) for n, b in _persistent_buffers(model)]
+        targets = [(n, p, partition_info(p)) for n, p in model.named_parameters()]
+        targets += [(n, b, (None, 1)) for n, b in persistent_buffers(model)]
         for local, tensor, (dim, stride) in targets:
             if hasattr(tensor, "ds_id"):
                 raise UserError("load_consolidated_into: the model is already partitioned by ZeRO-3; "
                                 "load the weights before deepspeed.initialize")
-            name = _canonical(name_map, local)
+            name = canonical_name(name_map, local)
             if name not in names:
                 raise UserError(f"{f_path}: no tensor {name} (the model's {local}); the checkpoint is of "
                                 "another model, or name_map differs from the one used at save time")
@@ -110,3 +99,20 @@ def load_consolidated_into(model: torch.nn.Module, path: Union[str, Path], *, na
             tensor.copy_(piece.to(tensor.dtype))
             loaded.append(name)
     return loaded
+
+
+# model arguments that fix the shapes of the weights
+SHAPE_KEYS = ("layers", "hidden", "heads", "mlp_ratio", "ell", "vocab_size")
+
+
+def check_init_from(cfg, path: Union[str, Path]) -> None:
+    """Before a run starts from consolidated weights: they must be of the recipe's model shape."""
+    path = Path(path)
+    weights_file(path)
+    saved = read_config(path).get("model") or {}
+    current = cfg.to_dict()["model"]
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, recipe {current.get(k)!r}" for k in SHAPE_KEYS
+            if not (k == "vocab_size" and current.get(k) is None) and saved.get(k) != current.get(k)]
+    if diff:
+        raise UserError(f"{path}: the weights are of another model shape ({'; '.join(diff)}); set the recipe's "
+                        "model section to the checkpoint's (config.json)")

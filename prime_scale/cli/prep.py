@@ -52,13 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer (exact round trip)")
     _input_args(p)
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, required=True, help="pieces in the vocabulary (specials included)")
     p.add_argument("--out", required=True, help="tokenizer directory to create")
-    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="sentencepiece model type")
     p.add_argument("--threads", type=int, default=0, help="training threads (default: all cores)")
     p.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="train on a random sample of at most this many text pieces (≤4 KB each)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
 
     p = sub.add_parser("shard", help="tokenize, pack into sequences and write MDS or webdataset shards")
     _input_args(p, ids=True)
@@ -67,26 +67,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok.add_argument("--vocab-size", type=int, help="pre-tokenized input: the external vocabulary size (GPT-2: 50257)")
     tok.add_argument("--eos-id", type=int, help="pre-tokenized input: end-of-text id (GPT-2: 50256)")
     tok.add_argument("--bos-id", type=int, help="pre-tokenized input: begin id (default: the EOS id)")
-    tok.add_argument("--pad-id", type=int, default=None)
+    tok.add_argument("--pad-id", type=int, default=None, help="pre-tokenized input: padding id (default: none)")
     tok.add_argument("--tokenizer-name", default="external", help="pre-tokenized input: a name for the record (e.g. gpt2)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence, BOS and EOS included")
-    p.add_argument("--format", default="mds", choices=["mds", "wds"])
+    p.add_argument("--format", default="mds", choices=["mds", "wds"],
+                   help="shard format: mds (mosaicml-streaming) or wds (webdataset tars)")
     p.add_argument("--out", required=True, help="dataset directory to create")
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents for the val split")
     p.add_argument("--split-seed", type=int, default=0, help="key of the document hash that picks the split")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
     p.add_argument("--shard-size", type=_size, default=64 << 20, help="target shard size (default 64MB)")
     p.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line (default: one on stderr)")
 
     p = sub.add_parser("demo", help="build the embedded demo corpus (no download)")
     p.add_argument("--root", default=None, help="demo directory (default: $PRIME_SCALE_DEMO_DIR or data/demo)")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length of the dataset to build")
 
     p = sub.add_parser("inspect", help="summarise a prepared dataset and decode a few sequences")
     p.add_argument("dataset", help="dataset directory or URI")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="which split to decode sequences from (default: train)")
     p.add_argument("--decode", type=int, default=2, metavar="N", help="decode the first N sequences")
 
     p = sub.add_parser("clean-shm", help="remove stale mosaicml-streaming /dev/shm segments and lock files")
@@ -113,11 +114,12 @@ def _tokenizer(args):
 
 
 def _inspect(args) -> int:
-    from prime_scale.data.manifest import read_manifest, split_info
+    from prime_scale.data.format import split_info
+    from prime_scale.data.uri import open_dataset
     from prime_scale.data.sources import open_source
     from prime_scale.data.tokenizer import load_tokenizer
 
-    m = read_manifest(args.dataset)
+    m = open_dataset(args.dataset)
     tok = m["tokenizer"]
     print(f"{args.dataset}: {m['format']}, seq_len {m['seq_len']}, vocab {m['vocab_size']} "
           f"({tok['kind']} {tok['hash'][:19]}, bos {tok['bos_id']} eos {tok['eos_id']} pad {tok.get('pad_id')})")
@@ -150,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         shard_corpus(args.input, _tokenizer(args), args.out, opts, _read_options(args))
         return 0
     if args.action == "demo":
-        from prime_scale.data.demo import ensure_demo_corpus
+        from data_prep.demo import ensure_demo_corpus
 
         print(ensure_demo_corpus(args.root, seq_len=args.seq_len, log=print))
         return 0

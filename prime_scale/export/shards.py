@@ -13,13 +13,6 @@ from typing import Optional, Sequence
 import torch
 
 
-def partition_info(param: torch.Tensor) -> tuple[Optional[int], int]:
-    """(partition_dim or None when replicated, stride) of a live megatron parameter."""
-    if getattr(param, "tensor_model_parallel", False):
-        return int(param.partition_dim), int(getattr(param, "partition_stride", 1))
-    return None, 1
-
-
 def join(pieces: Sequence[torch.Tensor], dim: Optional[int], stride: int = 1) -> torch.Tensor:
     """The full tensor from the TP ranks' pieces (in rank order)."""
     if dim is None or len(pieces) == 1:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 V, H, L = 37, 16, 6  # vocab, hidden, sequence length: odd sizes exercise ZeRO and TP padding
 N_BLOCKS = 2
 SEED = 1234
@@ -291,9 +291,10 @@ class Run:
         np.random.seed(SEED)
         self.model = build_model(self.tp, self.pp, self.dp, sc.get("dropout", 0.0), init_seed)
         if sc.get("load_consolidated"):
-            from prime_scale.checkpoint.reshard import load_consolidated_into
+            from prime_scale.export.reshard import load_consolidated_into
 
-            load_consolidated_into(self.model, sc["load_consolidated"])
+            load_consolidated_into(self.model, sc["load_consolidated"],
+                                   tp_rank=self.ps.get_tensor_model_parallel_rank(), tp_size=self.tp)
         ds_cfg = {
             "train_batch_size": self.g, "train_micro_batch_size_per_gpu": self.mb,
             "gradient_accumulation_steps": self.ga,
@@ -503,8 +504,8 @@ def worker_layouts(sc: dict, work: Path) -> dict:
         results[name] = {"eval": ev, "fresh_eval": before, "resumed_eval": resumed_eval, "after": after,
                          "resumed": resumed}
 
-    from prime_scale.checkpoint.consolidate import consolidate
-    from prime_scale.checkpoint.manifest import find_latest_complete
+    from prime_scale.export.consolidate import consolidate
+    from prime_scale.checkpoint.catalog import find_latest_complete
 
     for rs in sc.get("reshard", []):
         src = work / rs["from"]

@@ -13,7 +13,6 @@ documents by `prime-scale prep shard`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,23 +24,14 @@ FORMATS = ("mds", "wds")
 TOKENIZER_KINDS = ("sentencepiece", "external")
 # the column / member name under which each sample's token ids are stored
 TOKENS_FIELD = "tokens"
+# a tokenizer directory: tokenizer.json (kind, special ids, hash) and, for sentencepiece, the model
+TOKENIZER_META = "tokenizer.json"
+SP_MODEL = "tokenizer.model"
 
 
 def token_dtype(vocab_size: int) -> str:
     """Smallest unsigned dtype that holds every id."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fail(where: str, msg: str) -> UserError:
@@ -98,19 +88,6 @@ def read_manifest_file(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON (line {e.lineno}): {e.msg}") from None
     return validate_manifest(m, where)
-
-
-def read_manifest(dataset_dir: str | os.PathLike) -> dict:
-    """The validated manifest of a prepared dataset (a local directory or a remote URI).
-
-    Adds `dataset_dir` (the local directory, a cache for remote datasets) and `uri` (as given)."""
-    from prime_scale.data.remote import localize_dataset
-
-    local = localize_dataset(str(dataset_dir))
-    m = read_manifest_file(local / MANIFEST_NAME)
-    m["dataset_dir"] = str(local)
-    m["uri"] = str(dataset_dir)
-    return m
 
 
 def manifest_path(manifest: Mapping) -> str:

@@ -1,0 +1,113 @@
+"""`prime-scale train [RECIPE] [key=value ...] [--nproc N] [--resume auto|PATH]`: train a Prime model.
+
+One process (CPU or one GPU) by default. Several processes come from a standard launcher, which
+sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (docs/training.md):
+    torchrun --nproc-per-node N -m prime_scale.cli.train RECIPE ...
+    deepspeed --num_gpus N --module prime_scale.cli.train RECIPE ...   (on CPU: set OMP_NUM_THREADS)
+`--nproc N` starts N local processes for you. Checks that need no process group (the recipe, the
+layout, the launcher's environment, the checkpoint directory) run first, before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prime_scale.cli.common import add_recipe_arguments, recipe_and_overrides
+
+END_SAMPLES = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="start N local processes (CPU: OMP_NUM_THREADS = cores / N); default: this "
+                             "process only, or the ranks a launcher started")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue a run: 'auto' = from the newest complete checkpoint in the run's "
+                             "checkpoint directory (or from scratch if there is none); PATH = from that "
+                             "checkpoint (same layout; docs/checkpoints.md). Default: a new run")
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="start a new run from the weights of a consolidated checkpoint (prime-scale "
+                             "convert), in any layout; the optimizer starts fresh. Default: random weights")
+    parser.add_argument("--samples", type=int, default=END_SAMPLES, metavar="N",
+                        help="decode N samples from the final checkpoint at the end (0: none; one-process "
+                             "runs and --nproc only: under an external launcher use prime-scale sample)")
+    # the deepspeed launcher passes --local_rank; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    from prime_scale.config import load_recipe, resolve_dp
+    from prime_scale.parallel.launch import check_nproc, read_launch_env
+    from prime_scale.train import preflight
+
+    recipe, overrides = recipe_and_overrides(args)
+    cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
+    if args.nproc is not None:
+        check_nproc(args.nproc)
+        resolve_dp(cfg, args.nproc)  # a layout that cannot work fails here, not in N tracebacks
+    else:
+        world_size = read_launch_env().world_size  # bad launcher input: a clear error
+        resolve_dp(cfg, world_size)
+    preflight(cfg, args.resume, args.init_from)  # checkpoint mix-ups fail here too
+    _ensure_demo_corpus(cfg)
+    if args.nproc is not None:
+        from prime_scale.parallel.launch import launch_local
+
+        rc = launch_local(args.nproc, "prime_scale.cli.train", _rank_argv(args, recipe, overrides))
+        return rc or show_samples(cfg, args.samples)
+    from prime_scale.checkpoint import hooks
+    from prime_scale.train import Trainer
+
+    trainer = Trainer(cfg, init_from=args.init_from)
+    hooks.install(trainer, args.resume)
+    rc = trainer.run()
+    return rc or (show_samples(cfg, args.samples) if read_launch_env().world_size == 1 else 0)
+
+
+def _rank_argv(args, recipe, overrides) -> list[str]:
+    """What each rank runs: the same recipe and overrides, without --nproc (and no end samples:
+    the launcher's process decodes them once the ranks are done)."""
+    from prime_scale.config import resolve_recipe_path
+
+    out = ([str(resolve_recipe_path(recipe))] if recipe else []) + list(overrides)
+    if args.resume:
+        out += ["--resume", args.resume]
+    if args.init_from:
+        out += ["--init-from", args.init_from]
+    return out + ["--samples", "0"]
+
+
+def _ensure_demo_corpus(cfg) -> None:
+    """A recipe without data.path or data.mixture reads the demo corpus: build it if absent (once
+    per machine: concurrent ranks wait on its lock)."""
+    if cfg.data.path is None and not cfg.data.mixture:
+        from data_prep.demo import ensure_demo_corpus
+
+        ensure_demo_corpus(seq_len=cfg.model.seq_len)
+
+
+def show_samples(cfg, n: int) -> int:
+    """The main job ends with words: decode a few samples from the final checkpoint (one process,
+    after the training's process groups are gone)."""
+    if n < 1:
+        return 0
+    from prime_scale.checkpoint.hooks import checkpoint_dir
+    from prime_scale.inference import generate, load_model
+
+    with load_model(checkpoint_dir(cfg)) as loaded:
+        if loaded.tokenizer_dir is None:
+            print("samples: the data's tokenizer is external (ids only); nothing to decode", flush=True)
+            return 0
+        texts, r = generate(loaded, steps=min(128, cfg.model.seq_len), num=n, seed=cfg.seed)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ({loaded.weights} weights) ---\n{text.strip()}", flush=True)
+    print(f"--- {r.steps} sampling steps, {r.nfe} network calls (idle-step ratio {r.isr:.1%})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # torchrun / deepspeed launcher entry point: one rank
+    from prime_scale.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

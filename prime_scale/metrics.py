@@ -1,0 +1,153 @@
+"""What a run shows and leaves behind: metrics.jsonl, wandb, the progress line, the banner, the
+final summary and the loss plot. Written by the logging rank only (global rank 0).
+
+metrics.jsonl holds one JSON object per logged step (docs/training.md lists the fields and units):
+step, loss (the recipe's objective, nats per token, mean since the previous record), lr, grad_norm
+(before clipping), tokens_per_s, step_time_s, tokens_seen; validation steps add val_nll_bound
+(sub-token ELBO, nats per token), val_ppl, val_tokens, val_weights and val_time_s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from prime_scale import fsio
+from prime_scale.config import Config
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our progress: DeepSpeed logs every set-up detail at INFO, and
+    megatron-core warns about optional CUDA packages at import."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    from prime_scale.parallel.state import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+class RunLog:
+    """The logging rank's outputs in run.dir: recipe.yaml, metrics.jsonl, wandb, loss.png."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resumed: bool, import_before_wandb=None):
+        self.cfg, self.run_dir = cfg, run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fsio.write_atomic(run_dir / "recipe.yaml", cfg.to_yaml())
+        metrics = run_dir / METRICS_FILE
+        if metrics.exists() and not resumed:  # a resumed run appends instead
+            # a new run in an old directory keeps the old numbers beside it instead of mixing them
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(metrics.stat().st_mtime))
+            metrics.rename(run_dir / f"metrics.{stamp}.jsonl")
+        self.file = open(metrics, "a", buffering=1)
+        self.wandb = None
+        if cfg.logging.wandb != "disabled":
+            if import_before_wandb is not None:
+                # wandb hooks imports of some libraries; a DataLoader worker forked later that imports
+                # one of them would trip wandb's fork guard: import them once, before wandb starts
+                import_before_wandb()
+            os.environ["WANDB_DIR"] = str(run_dir.resolve())
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.project, name=cfg.run.name, dir=str(run_dir.resolve()),
+                                    mode=cfg.logging.wandb, config=cfg.to_dict())
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None},
+                           step=record["step"])
+        print_progress(self.cfg, record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def print_progress(cfg: Config, r: dict) -> None:
+    if "loss" in r:
+        eta = (cfg.train.steps - r["step"]) * r["step_time_s"]
+        gnorm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+        print(f"step {r['step']:>{len(str(cfg.train.steps))}}/{cfg.train.steps} | loss {r['loss']:.4f} | "
+              f"lr {r['lr']:.2e} | grad norm {gnorm} | {r['tokens_per_s']:,.0f} tok/s | "
+              f"{r['step_time_s']:.3f} s/step | ETA {fmt_duration(eta)}", flush=True)
+    if "val_nll_bound" in r:
+        print(f"  validation @ step {r['step']}: NLL bound {r['val_nll_bound']:.4f} nats/token, "
+              f"perplexity {r['val_ppl']:.2f} ({r['val_tokens']:,} tokens, {r['val_weights']} weights)",
+              flush=True)
+
+
+def print_banner(cfg: Config, n_params: int, vocab_size: int, par, gas: int, run_dir: Path) -> None:
+    m = cfg.model
+    print(f"prime-scale train: {n_params / 1e6:.2f}M parameters (ℓ={m.ell}, V={vocab_size}, "
+          f"{m.layers}×{m.hidden}, seq {m.seq_len}), objective {m.objective}, {cfg.precision}, "
+          f"ZeRO {cfg.parallel.zero_stage}", flush=True)
+    print(f"  {par.describe()}; global batch {cfg.train.global_batch} = micro {cfg.train.micro_batch} × "
+          f"dp {par.dp} × accumulation {gas}; {cfg.train.steps} steps; run dir {run_dir}", flush=True)
+
+
+def print_summary(state, run_log: RunLog) -> None:
+    """The end of a run: what it did, its validation bound, and where its outputs are."""
+    print(f"done: {state.step} steps, {state.tokens_seen:,} tokens seen in {fmt_duration(state.train_time_s)} of "
+          f"training ({state.tokens_seen / max(state.train_time_s, 1e-9):,.0f} tokens/s)", flush=True)
+    if state.last_val:
+        v = state.last_val
+        print(f"validation (sub-token ELBO, {v['val_weights']} weights): NLL bound {v['val_nll_bound']:.4f} "
+              f"nats/token, perplexity {v['val_ppl']:.2f} over {v['val_tokens']:,} tokens", flush=True)
+    else:
+        print("validation: the data has no 'val' split (prepare it with --val-fraction > 0)", flush=True)
+    plot = plot_losses(run_log.cfg, run_log.run_dir)
+    print(f"run directory: {run_log.run_dir} (recipe.yaml, {METRICS_FILE}"
+          f"{', ' + plot.name if plot else ''}{', wandb/' if run_log.wandb is not None else ''})", flush=True)
+
+
+def plot_losses(cfg: Config, run_dir: Path) -> Optional[Path]:
+    """loss.png: training objective per logged step and the validation NLL bound, from metrics.jsonl
+    (so a resumed run plots its whole history)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_nll_bound"]) for r in records if "val_nll_bound" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(*zip(*train), label=f"training loss ({cfg.model.objective})", lw=1.4)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation NLL bound (sub-token ELBO)", lw=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(f"{cfg.run.name or run_dir.name}: ℓ={cfg.model.ell}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / PLOT_FILE
+    fsio.publish_file(path, fig.savefig)
+    plt.close(fig)
+    return path

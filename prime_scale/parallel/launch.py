@@ -1,0 +1,158 @@
+"""The launcher's environment: which rank this process is, how many there are, and its threads.
+
+torchrun, the deepspeed launcher and SLURM wrappers set RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT; no variables at all means one process. Pure Python: the command line
+checks a launch before any heavy import.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from prime_scale.errors import UserError
+
+LAUNCH_HELP = ("start several processes with `torchrun --nproc-per-node N -m prime_scale.cli.train ...`, "
+               "`deepspeed --num_gpus N --module prime_scale.cli.train ...` or `prime-scale train --nproc N`")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> Optional[int]:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer; {LAUNCH_HELP}") from None
+    if value < 0:
+        raise UserError(f"environment variable {name}={value} is negative; {LAUNCH_HELP}")
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """The rank layout the launcher gave this process. No launcher variables at all means a
+    single process. A partial or inconsistent set is an error naming the variable."""
+    environ = os.environ if environ is None else environ
+    rank, world = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
+    local_rank = _int_var(environ, "LOCAL_RANK")
+    if rank is None and world is None and local_rank is None:
+        return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port())
+    missing = [n for n, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)) if v is None]
+    if missing:
+        raise UserError(f"launcher environment incomplete: {', '.join(missing)} not set while "
+                        f"{'RANK' if rank is not None else 'WORLD_SIZE' if world is not None else 'LOCAL_RANK'} "
+                        f"is; {LAUNCH_HELP}")
+    if world < 1:
+        raise UserError(f"environment variable WORLD_SIZE={world} must be at least 1")
+    if rank >= world:
+        raise UserError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}; {LAUNCH_HELP}")
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = _int_var(environ, "LOCAL_WORLD_SIZE") or _int_var(environ, "LOCAL_SIZE") or 1
+    if local_rank >= max(local_world, 1) and local_world > 1:
+        raise UserError(f"environment variable LOCAL_RANK={local_rank} is not below the local world size "
+                        f"{local_world}; {LAUNCH_HELP}")
+    addr = environ.get("MASTER_ADDR")
+    port = _int_var(environ, "MASTER_PORT")
+    if world > 1 and (not addr or port is None):
+        raise UserError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set; {LAUNCH_HELP}")
+    return LaunchEnv(rank, world, local_rank, max(local_world, 1), addr or "127.0.0.1", port or _free_port())
+
+
+def threads_per_rank(local_world_size: int, environ: Optional[Mapping[str, str]] = None) -> int:
+    """OMP_NUM_THREADS when the user set it (torchrun sets 1), else the cores this process may use
+    divided among the ranks of this node, so ranks never oversubscribe the cores."""
+    environ = os.environ if environ is None else environ
+    explicit = _int_var(environ, "OMP_NUM_THREADS")
+    if explicit:
+        return explicit
+    return max(1, available_cores() // max(1, local_world_size))
+
+
+# --------------------------------------------------------------------------- a local launcher
+
+
+def check_nproc(nproc: int) -> None:
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+
+
+def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run `python -m module argv` as N ranks on this machine (the variables torchrun would set)
+    and wait for them. If a rank fails the others are stopped. User errors of the ranks are printed
+    once (each distinct message), with the exit code USER_ERROR; any other failure gives
+    INTERNAL_ERROR, the ranks' tracebacks being on the console already."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from prime_scale.errors import ERROR_DIR_ENV, INTERNAL_ERROR, INTERRUPTED, USER_ERROR
+
+    check_nproc(nproc)
+    base = dict(os.environ if environ is None else environ)
+    base.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="prime-scale-launch-") as errors:
+        procs = []
+        for rank in range(nproc):
+            env = dict(base, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env[ERROR_DIR_ENV] = errors
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+        try:
+            codes = _wait_all(procs, time)
+        except KeyboardInterrupt:
+            for p in procs:
+                p.send_signal(signal.SIGINT)
+            for p in procs:
+                p.wait()
+            return INTERRUPTED
+        messages = sorted({f.read_text().strip() for f in Path(errors).iterdir()})
+    for line in messages:
+        print(line, file=sys.stderr)
+    if all(c == 0 for c in codes):
+        return 0
+    if messages and all(c in (0, USER_ERROR) or c < 0 for c in codes):
+        return USER_ERROR
+    bad = {r: c for r, c in enumerate(codes) if c != 0}
+    print(f"prime-scale train: rank(s) {sorted(bad)} failed (exit codes {bad})", file=sys.stderr)
+    return INTERNAL_ERROR
+
+
+def _wait_all(procs, time, grace_s: float = 10.0) -> list[int]:
+    """Exit codes of all ranks; once one fails, the others get grace_s to finish, then are killed."""
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.05)
+    return [p.returncode for p in procs]
