@@ -241,11 +241,7 @@ def _batches(docs, target_chars: int):
         yield batch
 
 
-def shard_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path, opts: ShardOptions,
-                 read: Optional[ReadOptions] = None, log=print, source_info: Optional[dict] = None) -> dict:
-    """Prepare a dataset directory from raw inputs. Returns the manifest."""
-    read = read or ReadOptions()
-    out = Path(out)
+def _check_options(opts: ShardOptions, read: ReadOptions, tokenizer: Tokenizer, out: Path) -> None:
     if opts.format not in ("mds", "wds"):
         raise UserError(f"--format {opts.format}: expected mds or wds")
     if opts.seq_len < 3:
@@ -259,66 +255,80 @@ def shard_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path, o
     if (read.ids_field is None) != (tokenizer.kind != "external"):
         raise UserError("pre-tokenized input (--ids-field) goes with an external vocabulary (--vocab-size), "
                         "and text goes with a trained tokenizer (--tokenizer DIR)")
+
+
+def _write_splits(tmp: Path, splits: list[str], inputs: Sequence[str], read: ReadOptions, tokenizer: Tokenizer,
+                  opts: ShardOptions, dtype: str, stats: ReadStats) -> dict:
+    """Tokenize and pack the documents into each split's shards (in worker processes when
+    opts.workers > 1); returns each split's counts."""
     workers = opts.workers or os.cpu_count() or 1
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1:  # fork the workers before any writer starts threads
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = stack.enter_context(ctx.Pool(workers, _init_worker, (tokenizer, opts.split_seed, opts.val_fraction)))
+        else:
+            _init_worker(tokenizer, opts.split_seed, opts.val_fraction)
+        writer_cls = _MDSOut if opts.format == "mds" else _WDSOut
+        writers = {s: writer_cls(tmp / s, opts.seq_len, dtype, opts) for s in splits}
+        packers = {s: Packer(opts.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in splits}
+        totals = {s: {"documents": 0, "tokens": 0} for s in splits}
+        progress = Progress(opts.progress)
+        tokens_seen = 0
+
+        def consume(result: dict) -> None:
+            nonlocal tokens_seen
+            for s in splits:
+                stream, ndocs, ntok = result[s]
+                totals[s]["documents"] += ndocs
+                totals[s]["tokens"] += ntok
+                tokens_seen += ntok
+                writers[s].write(packers[s].add(stream))
+            progress.update(stats.documents, tokens_seen, sum(w.count for w in writers.values()))
+
+        batches = _batches(iter_documents(inputs, read, stats), BATCH_CHARS)
+        if pool is None:
+            for batch in batches:
+                consume(_encode_batch(batch))
+        else:
+            inflight: collections.deque = collections.deque()
+            for batch in batches:  # read in this thread; keep a bounded number of tasks in flight
+                inflight.append(pool.apply_async(_encode_batch, (batch,)))
+                if len(inflight) >= 2 * workers:
+                    consume(inflight.popleft().get())
+            while inflight:
+                consume(inflight.popleft().get())
+    progress.update(stats.documents, tokens_seen, sum(w.count for w in writers.values()), final=True)
+    if stats.documents == 0:
+        raise empty_corpus_error(inputs, stats)
+    return {s: {**totals[s], "sequences": writers[s].count, "dropped_tokens": packers[s].dropped,
+                **writers[s].finish()} for s in splits}
+
+
+def _check_splits(split_meta: dict, seq_len: int) -> None:
+    if split_meta["train"]["sequences"] == 0:
+        raise UserError(f"the corpus is too small: its {split_meta['train']['tokens']} training tokens do not "
+                        f"fill one sequence of --seq-len {seq_len}")
+    if "val" in split_meta and split_meta["val"]["sequences"] == 0:
+        raise UserError(f"the validation split got {split_meta['val']['documents']} document(s), "
+                        f"{split_meta['val']['tokens']} tokens: not one sequence of {seq_len}; raise "
+                        "--val-fraction, or use --val-fraction 0 for no validation split")
+
+
+def shard_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path, opts: ShardOptions,
+                 read: Optional[ReadOptions] = None, log=print, source_info: Optional[dict] = None) -> dict:
+    """Prepare a dataset directory from raw inputs. Returns the manifest."""
+    read = read or ReadOptions()
+    out = Path(out)
+    _check_options(opts, read, tokenizer, out)
     dtype = token_dtype(tokenizer.vocab_size)
     stats = ReadStats()
     manifest: dict = {}
 
     def build(tmp: Path) -> None:
         splits = ["train", "val"] if opts.val_fraction > 0 else ["train"]
-        with contextlib.ExitStack() as stack:
-            pool = None
-            if workers > 1:  # fork the workers before any writer starts threads
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                pool = stack.enter_context(
-                    ctx.Pool(workers, _init_worker, (tokenizer, opts.split_seed, opts.val_fraction)))
-            else:
-                _init_worker(tokenizer, opts.split_seed, opts.val_fraction)
-            writer_cls = _MDSOut if opts.format == "mds" else _WDSOut
-            writers = {s: writer_cls(tmp / s, opts.seq_len, dtype, opts) for s in splits}
-            packers = {s: Packer(opts.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in splits}
-            totals = {s: {"documents": 0, "tokens": 0} for s in splits}
-            progress = Progress(opts.progress)
-            tokens_seen = 0
-
-            def consume(result: dict) -> None:
-                nonlocal tokens_seen
-                for s in splits:
-                    stream, ndocs, ntok = result[s]
-                    totals[s]["documents"] += ndocs
-                    totals[s]["tokens"] += ntok
-                    tokens_seen += ntok
-                    writers[s].write(packers[s].add(stream))
-                progress.update(stats.documents, tokens_seen, sum(w.count for w in writers.values()))
-
-            batches = _batches(iter_documents(inputs, read, stats), BATCH_CHARS)
-            if pool is None:
-                for batch in batches:
-                    consume(_encode_batch(batch))
-            else:
-                inflight: collections.deque = collections.deque()
-                for batch in batches:  # read in this thread; keep a bounded number of tasks in flight
-                    inflight.append(pool.apply_async(_encode_batch, (batch,)))
-                    if len(inflight) >= 2 * workers:
-                        consume(inflight.popleft().get())
-                while inflight:
-                    consume(inflight.popleft().get())
-        progress.update(stats.documents, tokens_seen, sum(w.count for w in writers.values()), final=True)
-        if stats.documents == 0:
-            raise empty_corpus_error(inputs, stats)
-
-        split_meta = {}
-        for s in splits:
-            extra = writers[s].finish()
-            split_meta[s] = {**totals[s], "sequences": writers[s].count, "dropped_tokens": packers[s].dropped,
-                             **extra}
-        if split_meta["train"]["sequences"] == 0:
-            raise UserError(f"the corpus is too small: its {split_meta['train']['tokens']} training tokens do not "
-                            f"fill one sequence of --seq-len {opts.seq_len}")
-        if "val" in split_meta and split_meta["val"]["sequences"] == 0:
-            raise UserError(f"the validation split got {split_meta['val']['documents']} document(s), "
-                            f"{split_meta['val']['tokens']} tokens: not one sequence of {opts.seq_len}; raise "
-                            "--val-fraction, or use --val-fraction 0 for no validation split")
+        split_meta = _write_splits(tmp, splits, inputs, read, tokenizer, opts, dtype, stats)
+        _check_splits(split_meta, opts.seq_len)
         tok_meta = tokenizer.meta()
         if tokenizer.kind == "sentencepiece":
             (tmp / TOKENIZER_SUBDIR).mkdir()

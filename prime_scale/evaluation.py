@@ -1,4 +1,4 @@
-"""The evaluator's core: the valid NLL bound per original token (prime-method.md §4 (b)), its
+"""The evaluator's core: the valid NLL bound per original token (docs/method.md, the sub-token ELBO), its
 perplexity and standard error, for any `logits_fn(yt: Long[B, L*ell]) -> logits[B, L, V]`.
 
 Every number called a bound or a perplexity here comes from `subtoken_elbo`. The paper's joint

@@ -1,4 +1,4 @@
-"""The ancestral sub-token sampler of prime-method.md §6, independent of any model or checkpoint.
+"""The ancestral sub-token sampler (docs/sampling.md), independent of any model or checkpoint.
 
 The caller passes `logits_fn(yt: Long[B, L*ell]) -> logits[B, L, V]` (a distribution over whole
 tokens; the model has no time input). The sampler:

@@ -82,7 +82,7 @@ def _read_all(path):
 def test_convert_equals_gathered_master_weights(runs, tmp_path, lay):
     work, _ = runs
     out = tmp_path / "out"
-    assert cli.main(["convert", str(work / lay["name"] / "ckpt"), "--out", str(out)]) == 0
+    assert cli.main(["convert", str(work / lay["name"] / "ckpt"), "--out", str(out), "--weights", "raw"]) == 0
     got, meta = _read_all(out / "model.safetensors")
     want = load_refs(work / lay["name"] / "ref")
     assert sorted(got) == sorted(want)

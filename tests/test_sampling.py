@@ -62,7 +62,7 @@ def test_closed_form_matches_stepwise_derivation():
 
 @pytest.mark.parametrize("ell,paper_percent", [(1, 36.77), (2, 13.52), (3, 4.97), (4, 1.83), (6, 0.25), (8, 0.03)])
 def test_closed_form_reproduces_the_papers_isr_table(ell, paper_percent):
-    """The paper's measured ISR at L = 1024, T = 1024 (prime-method.md §6), to its printed digits."""
+    """The paper's measured ISR at L = 1024, T = 1024 (Chao et al. 2025, the idle-step ratio table), to its printed digits."""
     assert round(100 * expected_isr(1024 * ell, 1024), 2) == paper_percent
 
 

@@ -1,22 +1,14 @@
 #!/usr/bin/env python
-"""Consolidate a prime-scale checkpoint without the `prime-scale` console script installed.
+"""Consolidate a prime-scale checkpoint without the `prime-scale` console script installed:
+`python tools/consolidate_checkpoint.py CKPT --out DIR [--weights auto|ema|raw] [--dtype fp32|bf16]`,
+the same as `prime-scale convert` (and the same exit codes)."""
 
-`python tools/consolidate_checkpoint.py CKPT --out DIR [--weights ema|raw] [--dtype fp32|bf16]`."""
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prime_scale.checkpoint import convert  # noqa: E402
-from prime_scale.errors import UserError  # noqa: E402
+from prime_scale.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    convert.add_arguments(parser)
-    try:
-        sys.exit(convert.main(parser.parse_args()))
-    except UserError as e:
-        print(f"consolidate_checkpoint: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 
   yt [B, L·ℓ] sub-tokens ─ PrimeEmbedding ─> h [B, L, D] ─ Block × N ─> PrimeHead ─> logits shard
                                                                          [B, L, V_pad / TP]
-- Input (prime-method.md §3): one shared (b + 1) × (D / ℓ) table; a token's ℓ sub-token vectors are
+- Input (docs/method.md, sub-tokens): one shared (b + 1) × (D / ℓ) table; a token's ℓ sub-token vectors are
   concatenated in digit order. For ℓ = 1 the table is (V + 1) × D and is split over the vocabulary
   (megatron's VocabParallelEmbedding), because there it is as large as the output head.
 - Blocks: rotary positions, torch scaled_dot_product_attention (no mask: bidirectional, so the GPU

@@ -15,7 +15,7 @@ a fixed 0/1 digit table H [V_local, ℓ·b] (2·ℓ·b flops per logit), instead
   digit marginals    (e H)[i, j·b + k] = mass of the classes whose digit j is k.
 For ℓ = 1 neither is needed: a visible token contributes exactly 0 (carry-over leaves one class).
 
-Definitions follow prime_scale.prime exactly (prime-method.md §3–4); tests compare against it on the
+Definitions follow prime_scale.prime exactly (docs/method.md); tests compare against it on the
 gathered tensors. All arithmetic is fp32 whatever the logits' dtype.
 """
 

@@ -1,0 +1,20 @@
+"""Tests never read or write the repository's working tree (runs/, data/): the demo corpus lives in
+one temporary directory for the whole session (built at most once), and every test runs in a
+temporary working directory of its own, so relative run directories land there."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_outside_the_repository(tmp_path_factory):
+    os.environ["PRIME_SCALE_DEMO_DIR"] = str(tmp_path_factory.mktemp("demo"))  # subprocesses inherit it
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
