@@ -41,7 +41,8 @@ def worker(spec: dict) -> None:
     from prime_scale.checkpoint import store
     from prime_scale.checkpoint.hooks import name_map, unpadded_sizes
     from prime_scale.config import load_recipe
-    from prime_scale.engine import Engine, make_batch
+    from prime_scale.engine import Engine
+    from prime_scale.noise import make_batch
     from prime_scale.parallel import state as pstate
 
     cfg = load_recipe("tiny-cpu", spec["overrides"])

@@ -51,7 +51,7 @@ def _cfg(overrides):
 def _batches(cfg, step, dp_rank=0, dp=1, gas=1):
     import torch
 
-    from prime_scale.engine import make_batch
+    from prime_scale.noise import make_batch
 
     G, mb, L = cfg.train.global_batch, cfg.train.micro_batch, cfg.model.seq_len
     gen = torch.Generator().manual_seed(1000 + step)
@@ -116,7 +116,7 @@ class PlainRunner:
     def __init__(self, overrides):
         import torch
 
-        from prime_scale.engine import lr_factor, parameter_groups
+        from prime_scale.optim import lr_factor, parameter_groups
         from prime_scale.model import ModelArgs, PrimeObjective, PrimeTransformer
 
         self.cfg = cfg = _cfg(overrides)

@@ -73,9 +73,6 @@ class EvalTotals:
     def from_tensor(cls, values: torch.Tensor) -> "EvalTotals":
         return cls(*values.double().tolist())
 
-    def __add__(self, other: "EvalTotals") -> "EvalTotals":
-        return EvalTotals.from_tensor(self.to_tensor() + other.to_tensor())
-
     def stderr(self) -> float:
         """Delta-method standard error of nll / tokens (nan with fewer than two sequences)."""
         n = self.sequences

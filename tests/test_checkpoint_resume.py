@@ -164,6 +164,6 @@ def test_convert_refuses_malicious_checkpoint(resumed, tmp_path, capsys):
     _plant(folder, "extra/rank_00000.pt", tmp_path / "m2")  # not read by convert: still converts
     if marker.exists():
         marker.unlink()
-    assert cli.main(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert cli.main(["convert", str(folder), "--out", str(tmp_path / "out"), "--weights", "raw"]) == 2
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     demo = work / "demo"
     env = _env(demo, work)
     # build the demo corpus once, before four runs would queue on its lock
-    subprocess.run([sys.executable, "-c", "from prime_scale.data.demo import ensure_demo_corpus; "
+    subprocess.run([sys.executable, "-c", "from data_prep.demo import ensure_demo_corpus; "
                     "ensure_demo_corpus(seq_len=32)"], env=env, check=True, capture_output=True)
     first = {}
     for name, lay in LAYOUTS.items():

@@ -28,11 +28,13 @@ def single_process():
 
 
 def _args(**kw):
+    from prime_scale.config import ModelConfig
     from prime_scale.model import ModelArgs
 
     base = dict(vocab_size=100, ell=2, layers=2, hidden=32, heads=4, seq_len=8, seed=3)
     base.update(kw)
-    return ModelArgs(**base)
+    vocab, seed = base.pop("vocab_size"), base.pop("seed")
+    return ModelArgs(ModelConfig(**base), vocab_size=vocab, seed=seed)
 
 
 def _noisy(args, B=2, seed=0):

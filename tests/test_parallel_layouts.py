@@ -54,7 +54,8 @@ def run_layouts(layouts: list):
 
     from harness.dist import port
     from prime_scale.config import load_recipe
-    from prime_scale.engine import Engine, make_batch
+    from prime_scale.engine import Engine
+    from prime_scale.noise import make_batch
     from prime_scale.parallel import state as pstate
 
     data = torch.randint(0, V, (ROWS, L), generator=torch.Generator().manual_seed(0))
