@@ -95,7 +95,7 @@ def test_resume_gives_the_uninterrupted_losses(runs, layout):
 def test_new_run_over_old_checkpoints_is_refused(runs, capsys):
     work, _, _ = runs
     run = work / "tp2" / "c"
-    rc = cli.main(["train", *COMMON, *LAYOUTS["tp2"], f"run.dir={run}"])
+    rc = cli.main(["train", *COMMON, *LAYOUTS["tp2"], f"run.dir={run}", "--nproc", "2"])  # a valid layout
     assert rc == 2
     assert "holds checkpoints of an earlier run" in capsys.readouterr().err
 
