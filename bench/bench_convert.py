@@ -54,7 +54,7 @@ def worker(spec: dict) -> None:
     for i in range(engine.gas):
         ids = torch.randint(0, cfg.model.vocab_size, (mb, cfg.model.seq_len), generator=g)
         index = torch.arange(mb) + (par.dp_rank * engine.gas + i) * mb
-        batches.append(make_batch(ids, index, seed=cfg.seed, step=0, global_batch=cfg.train.global_batch,
+        batches.append(make_batch(ids, index, index, seed=cfg.seed, step=0, global_batch=cfg.train.global_batch,
                                   vocab_size=cfg.model.vocab_size, ell=cfg.model.ell))
     engine.train_step(batches)
     store.save(engine.ds, spec["ckpt"], 1, meta={"recipe": cfg.to_dict(), "vocab_size": cfg.model.vocab_size},

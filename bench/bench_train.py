@@ -60,7 +60,7 @@ def _batches(cfg, step, dp_rank=0, dp=1, gas=1):
     for j in range(gas):
         first = (j * dp + dp_rank) * mb
         index = torch.arange(first, first + mb) + step * G
-        out.append(make_batch(data[first:first + mb], index, seed=cfg.seed, step=step, global_batch=G,
+        out.append(make_batch(data[first:first + mb], index, index, seed=cfg.seed, step=step, global_batch=G,
                               vocab_size=VOCAB, ell=cfg.model.ell))
     return out
 

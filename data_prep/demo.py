@@ -8,7 +8,9 @@ Layout under the demo root: prime_scale/data/demo.py (the library reads what thi
 `ensure_demo_corpus` is safe to call from every rank at once: the first caller takes an exclusive
 lock on ROOT/.build.lock (flock: released by the kernel when the process exits, so a crashed
 builder never leaves a stale lock) and builds what is missing; the others wait on the lock and then
-find the dataset complete. Each part is published atomically and the manifest is written last.
+find the dataset complete. Each part is published atomically and the manifest is written last. A
+dataset built by an older demo version (prime_scale.data.demo.DEMO_VERSION) counts as incomplete
+and is rebuilt in place (corpus and tokenizer reused).
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from data_prep.readers import ReadOptions
 from data_prep.shard import ShardOptions, shard_corpus
 from data_prep.tokenizer_train import train_tokenizer
 from prime_scale import fsio
-from prime_scale.data.demo import ROOT_ENV, dataset_dir, demo_root, is_complete
-from prime_scale.data.format import MANIFEST_NAME
+from prime_scale.data.demo import DEMO_VERSION, ROOT_ENV, dataset_dir, demo_root, is_complete
 from prime_scale.data.tokenizer import load_tokenizer
 from prime_scale.errors import UserError
 
@@ -94,11 +95,11 @@ def build_demo(root: str | Path, seq_len: int = DEMO_SEQ_LEN, vocab_size: int = 
         train_tokenizer([str(corpus)], tok_dir, vocab_size, "bpe", ReadOptions(format="jsonl"), overwrite=True,
                         log=log)
     out = dataset_dir(root, seq_len)
-    if not (out / MANIFEST_NAME).exists():
+    if not is_complete(out):  # absent, interrupted, or built by an older demo version: replaced atomically
         shard_corpus([str(corpus)], load_tokenizer(tok_dir), out,
                      ShardOptions(seq_len=seq_len, format="mds", val_fraction=DEMO_VAL_FRACTION,
                                   workers=workers or 0, overwrite=True, progress=False),
-                     ReadOptions(format="jsonl"), log=log, source_info={"kind": "demo"})
+                     ReadOptions(format="jsonl"), log=log, source_info={"kind": "demo", "demo_version": DEMO_VERSION})
     log(f"demo: ready in {out} ({time.time() - t0:.1f}s)")
     return out
 

@@ -4,6 +4,9 @@ Packing is the reference's "wrap": every document's ids are followed by EOS, the
 split are concatenated into one stream, the stream is cut into bodies of L-2 ids, and each body
 becomes BOS + body + EOS. The incomplete tail of the stream is dropped (and counted).
 
+The manifest also records per split `bytes` (UTF-8 size of the text its sequences hold: for bits
+per byte) and `token_counts` (each id's occurrences in the written sequences: the unigram baseline).
+
 The train/validation split is by document and by content: a keyed hash of the document decides,
 so the split does not depend on file order, and duplicate documents never straddle the splits.
 
@@ -20,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -78,11 +82,11 @@ def _is_val(data: bytes) -> bool:
 
 def _encode_batch(batch: list) -> dict:
     """Encode a batch of documents -> {split: (ids of its documents, each followed by EOS,
-    number of documents, number of tokenizer ids)}."""
+    number of documents, number of tokenizer ids, UTF-8 bytes of the documents' text)}."""
     encoded = iter(_TOK.encode_batch([d[0] for d in batch if d[0] is not None]))
     V, eos = _TOK.vocab_size, np.array([_TOK.eos_id], dtype=_DTYPE)
     parts: dict = {"train": [], "val": []}
-    counts = {"train": [0, 0], "val": [0, 0]}
+    counts = {"train": [0, 0, 0], "val": [0, 0, 0]}
     for text, ids, source, line in batch:
         if text is not None:
             ids = np.asarray(next(encoded), dtype=_DTYPE)
@@ -98,6 +102,7 @@ def _encode_batch(batch: list) -> dict:
         parts[split] += [ids, eos]
         counts[split][0] += 1
         counts[split][1] += ids.size
+        counts[split][2] += len(key) if text is not None else 0  # pre-tokenized: there is no text
     return {s: (np.concatenate(parts[s]) if parts[s] else np.empty(0, _DTYPE), *counts[s]) for s in parts}
 
 
@@ -131,6 +136,17 @@ class Packer:
     @property
     def dropped(self) -> int:
         return self.pending_len
+
+
+def split_bytes(text_bytes: int, stream_ids: int, dropped: int) -> int:
+    """UTF-8 bytes of the text a split's sequences hold (text_bytes: its documents'; stream_ids: their
+    ids + one EOS each), rounded to the nearest int, halves up. Exact when nothing is dropped; else
+    the dropped tail (< seq_len - 2 ids) is prorated at the split's mean bytes per id: which bytes its
+    ids stand for is unknown without decoding them, and the error is under one sequence's text."""
+    if stream_ids <= 0:
+        return 0
+    kept = stream_ids - dropped
+    return (2 * text_bytes * kept + stream_ids) // (2 * stream_ids)  # integer maths: exact at any size
 
 
 def _fast_mds_writer(**kwargs):
@@ -272,18 +288,22 @@ def _write_splits(tmp: Path, splits: list[str], inputs: Sequence[str], read: Rea
         writer_cls = _MDSOut if opts.format == "mds" else _WDSOut
         writers = {s: writer_cls(tmp / s, opts.seq_len, dtype, opts) for s in splits}
         packers = {s: Packer(opts.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in splits}
-        totals = {s: {"documents": 0, "tokens": 0} for s in splits}
+        totals = {s: {"documents": 0, "tokens": 0, "text_bytes": 0} for s in splits}
+        # counted here, on what is written, so the workers' order and count cannot matter
+        id_counts = {s: np.zeros(tokenizer.vocab_size, dtype=np.int64) for s in splits}
         progress = Progress(opts.progress)
         tokens_seen = 0
 
         def consume(result: dict) -> None:
             nonlocal tokens_seen
             for s in splits:
-                stream, ndocs, ntok = result[s]
-                totals[s]["documents"] += ndocs
-                totals[s]["tokens"] += ntok
-                tokens_seen += ntok
-                writers[s].write(packers[s].add(stream))
+                stream, *sizes = result[s]
+                for key, n in zip(("documents", "tokens", "text_bytes"), sizes):
+                    totals[s][key] += n
+                tokens_seen += sizes[1]
+                seqs = packers[s].add(stream)
+                writers[s].write(seqs)
+                id_counts[s] += np.bincount(seqs.reshape(-1), minlength=tokenizer.vocab_size)
             progress.update(stats.documents, tokens_seen, sum(w.count for w in writers.values()))
 
         batches = _batches(iter_documents(inputs, read, stats), BATCH_CHARS)
@@ -301,8 +321,22 @@ def _write_splits(tmp: Path, splits: list[str], inputs: Sequence[str], read: Rea
     progress.update(stats.documents, tokens_seen, sum(w.count for w in writers.values()), final=True)
     if stats.documents == 0:
         raise empty_corpus_error(inputs, stats)
-    return {s: {**totals[s], "sequences": writers[s].count, "dropped_tokens": packers[s].dropped,
-                **writers[s].finish()} for s in splits}
+    return {s: _split_meta(totals[s], writers[s], packers[s], id_counts[s], read.ids_field is None) for s in splits}
+
+
+def _split_meta(totals: dict, writer, packer: Packer, id_counts: np.ndarray, has_text: bool) -> dict:
+    """A split's manifest entry; `bytes` is null for pre-tokenized input, which has no text."""
+    stream_ids = totals["documents"] + totals["tokens"]  # every document's ids and its EOS
+    nbytes = split_bytes(totals["text_bytes"], stream_ids, packer.dropped) if has_text else None
+    return {"documents": totals["documents"], "tokens": totals["tokens"], "sequences": writer.count,
+            "dropped_tokens": packer.dropped, "bytes": nbytes, **writer.finish(), "token_counts": id_counts.tolist()}
+
+
+def _manifest_text(manifest: dict) -> str:
+    """The manifest as indented JSON, each list of ints (token_counts) on one line, not V lines (a
+    JSON string holds no raw newline, so only the layout's own multi-line lists match)."""
+    text = json.dumps(manifest, indent=2)
+    return re.sub(r"\[(?:\n *-?\d+,?)+\n *\]", lambda m: re.sub(r"\s+", "", m.group(0)), text) + "\n"
 
 
 def _check_splits(split_meta: dict, seq_len: int) -> None:
@@ -351,7 +385,7 @@ def shard_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path, o
             "created_by": f"prime-scale {__version__} (python {platform.python_version()})",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-        fsio.write_atomic(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        fsio.write_atomic(tmp / MANIFEST_NAME, _manifest_text(manifest))
 
     t0 = time.time()
     fsio.publish_dir(out, build, opts.overwrite)

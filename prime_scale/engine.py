@@ -64,28 +64,28 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
 
 class TrainModule(nn.Module):
     """pp = 1: the whole model plus the objective, so DeepSpeed's engine sees one forward.
-    Returns (mean loss, Σ nll over attended tokens, attended token count)."""
+    Training: the mean loss. Evaluation (evaluate=True): per row, Σ ELBO and Σ joint [B, 2]."""
 
     def __init__(self, model: PrimeTransformer, objective: PrimeObjective):
         super().__init__()
         self.model, self.objective = model, objective
 
-    def forward(self, yt, x0, t, mask=None, objective: Optional[str] = None):
-        loss_fn = self.objective if objective is None else self.objective.with_objective(objective)
-        nll, mean = loss_fn.nll(self.model(yt), x0, yt, t, mask)
-        count = float(nll.numel()) if mask is None else mask.sum().float()
-        return mean, nll.sum(), torch.as_tensor(count)
+    def forward(self, yt, x0, t, mask=None, evaluate: bool = False):
+        logits = self.model(yt)
+        if evaluate:
+            return self.objective.sequence_sums(logits, x0, yt, t, mask)
+        return self.objective.nll(logits, x0, yt, t, mask)[1]
 
 
-class _NLLSum:
-    """Pipeline loss function returning Σ nll over the micro-batch's counted positions."""
+class _SequenceSums:
+    """Pipeline loss function of evaluation: per row, Σ ELBO and Σ joint [B, 2]."""
 
     def __init__(self, objective: PrimeObjective):
         self.objective = objective
 
     def __call__(self, logits_shard, labels):
         x0, yt, t, mask = labels
-        return self.objective.nll(logits_shard, x0, yt, t, mask)[0].sum()
+        return self.objective.sequence_sums(logits_shard, x0, yt, t, mask)
 
 
 @dataclass
@@ -195,7 +195,7 @@ class Engine:
             total = torch.zeros((), dtype=torch.float64, device=device)
             for b in micro_batches:
                 b = b.to(device)
-                mean, _, _ = self.ds(b.yt, b.x0, b.t, b.mask)
+                mean = self.ds(b.yt, b.x0, b.t, b.mask)
                 self.ds.backward(mean)
                 self.ds.step()
                 total += mean.detach().double()
@@ -213,40 +213,44 @@ class Engine:
     # ---- evaluation
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: Sequence[Batch], objective: str = "prime_elbo", use_ema: bool = True):
-        """(Σ nll, Σ tokens) over the micro-batches of every DP replica, for `objective`
-        ('prime_elbo' gives the NLL bound). With EMA on, the averaged weights are evaluated."""
+    def evaluate(self, micro_batches: Sequence[Batch], use_ema: bool = True) -> torch.Tensor:
+        """Per row of this rank's micro-batches, in order: Σ sub-token ELBO and Σ joint objective
+        over its counted positions, [ΣB, 2] float64 on the CPU, the same on every rank of the
+        model replica (TP peers compute it alike; the last pipeline stage broadcasts it). With EMA
+        on, the averaged weights are evaluated. Summing over DP ranks is the caller's."""
         ctx = self.ema.swapped() if (use_ema and self.ema is not None) else contextlib.nullcontext()
         with ctx:
             if self.pipeline:
-                return self._evaluate_pipeline(micro_batches, objective)
-            return self._evaluate_plain(micro_batches, objective)
+                return self._evaluate_pipeline(micro_batches)
+            return self._evaluate_plain(micro_batches)
 
-    def _evaluate_plain(self, micro_batches, objective):
+    def _evaluate_plain(self, micro_batches):
         self.ds.eval()
         device = self.state.device
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for b in micro_batches:
-            b = b.to(device)
-            _, nll_sum, count = self.ds(b.yt, b.x0, b.t, b.mask, objective=objective)
-            sums += torch.stack([nll_sum.double(), count.to(device).double()])
-        if self.state.dp > 1:
-            dist.all_reduce(sums, group=self.state.dp_group)
+        out = [self.ds(b.yt, b.x0, b.t, b.mask, evaluate=True).double().cpu()
+               for b in (m.to(device) for m in micro_batches)]
         self.ds.train()
-        return float(sums[0]), float(sums[1])
+        return torch.cat(out)
 
-    def _evaluate_pipeline(self, micro_batches, objective):
+    def _evaluate_pipeline(self, micro_batches):
         device = self.state.device
         data = iter([(b.yt, b.labels()) for b in (m.to(device) for m in micro_batches)])
         saved = self.module.loss_fn
-        self.module.loss_fn = _NLLSum(self.objective.with_objective(objective))
+        self.module.loss_fn = _SequenceSums(self.objective)
+        # eval_batch adds each output into the training's loss total, which only train_batch resets:
+        # our [B, 2] rows would not broadcast into the scalar the last training step left there
+        self.ds.total_loss = None
         try:
-            # the engine averages the loss outputs over micro-batches and DP replicas: undo the mean
-            mean = float(self.ds.eval_batch(data_iter=data, num_micro_batches=len(micro_batches)))
+            # unreduced: the list of per-micro-batch outputs, on the last stage only
+            outputs = self.ds.eval_batch(data_iter=data, num_micro_batches=len(micro_batches),
+                                         reduce_output=None, bcast_loss=False)
         finally:
             self.module.loss_fn = saved
-        total = mean * len(micro_batches) * self.state.dp
-        tokens = torch.tensor(float(sum(b.tokens for b in micro_batches)), dtype=torch.float64, device=device)
-        if self.state.dp > 1:
-            dist.all_reduce(tokens, group=self.state.dp_group)
-        return total, float(tokens)
+        rows = sum(b.x0.shape[0] for b in micro_batches)
+        sums = torch.zeros(rows, 2, dtype=torch.float64, device=self.state.device)
+        if self.ds.is_last_stage():
+            sums.copy_(torch.cat([o.double() for o in outputs]))
+        # stage s of a replica is global rank tp + TP·dp + TP·DP·s: the last stage has the largest rank
+        last = max(dist.get_process_group_ranks(self.state.pp_group))
+        dist.broadcast(sums, src=last, group=self.state.pp_group)
+        return sums.cpu()

@@ -136,12 +136,15 @@ def recipe_of(ref: str | Path) -> Config:
 
 def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optional[str] = None,
                         split: str = "val", batch_size: int = 8, max_batches: Optional[int] = None,
-                        seed: int = 0, mc_samples: Optional[int] = None):
-    """The bound (prime_scale.evaluation) of a checkpoint on a split of its data (or of `data`)."""
+                        seed: Optional[int] = None, mc_samples: Optional[int] = None):
+    """The bound (prime_scale.evaluation) of a checkpoint on a split of its data (or of `data`).
+    The noise seed defaults to the run's (cfg.seed), as training validation uses it: the same
+    split and draws then give the run's val_nll_bound."""
     import dataclasses
     import itertools
 
     from prime_scale.data import build_loader
+    from prime_scale.data.stats import SplitStats
     from prime_scale.evaluation import evaluate_bound
 
     with load_model(ref, weights) as loaded:
@@ -150,7 +153,10 @@ def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optiona
         if data is not None:
             source = dataclasses.replace(source, path=data, mixture=[])
         cfg = dataclasses.replace(cfg, data=source)
-        loader = build_loader(cfg, split, 0, 1, batch_size, seed, epoch_limit=1)
+        loader = build_loader(cfg, split, 0, 1, batch_size, cfg.seed, single_pass=True)
         batches = itertools.islice(iter(loader), max_batches)
-        return evaluate_bound(loaded.logits, batches, vocab_size=loaded.vocab_size, ell=loaded.ell, seed=seed,
-                              mc_samples=mc_samples or cfg.eval.mc_samples, carry_over=cfg.model.carry_over)
+        result = evaluate_bound(loaded.logits, batches, vocab_size=loaded.vocab_size, ell=loaded.ell,
+                                seed=cfg.seed if seed is None else seed,
+                                mc_samples=mc_samples or cfg.eval.mc_samples, carry_over=cfg.model.carry_over,
+                                stats=SplitStats(loader.manifests, split, loader.weights))
+        return dataclasses.replace(result, weights=loaded.weights)

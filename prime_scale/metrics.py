@@ -4,7 +4,9 @@ final summary and the loss plot. Written by the logging rank only (global rank 0
 metrics.jsonl holds one JSON object per logged step (docs/training.md lists the fields and units):
 step, loss (the recipe's objective, nats per token, mean since the previous record), lr, grad_norm
 (before clipping), tokens_per_s, step_time_s, tokens_seen; validation steps add val_nll_bound
-(sub-token ELBO, nats per token), val_ppl, val_tokens, val_weights and val_time_s.
+(sub-token ELBO, nats per token: an upper bound on the NLL), val_stderr, val_ppl, val_bits_per_byte,
+the unigram baseline val_unigram_nll and val_unigram_bits_per_byte, val_tokens, val_sequences,
+val_weights and val_time_s (a figure the data cannot give, such as bytes of pre-tokenized data, is null).
 """
 
 from __future__ import annotations
@@ -95,9 +97,20 @@ def print_progress(cfg: Config, r: dict) -> None:
               f"lr {r['lr']:.2e} | grad norm {gnorm} | {r['tokens_per_s']:,.0f} tok/s | "
               f"{r['step_time_s']:.3f} s/step | ETA {fmt_duration(eta)}", flush=True)
     if "val_nll_bound" in r:
-        print(f"  validation @ step {r['step']}: NLL bound {r['val_nll_bound']:.4f} nats/token, "
-              f"perplexity {r['val_ppl']:.2f} ({r['val_tokens']:,} tokens, {r['val_weights']} weights)",
-              flush=True)
+        print(f"  validation @ step {r['step']}: {describe_validation(r)}", flush=True)
+
+
+def _num(value, fmt: str) -> str:
+    return "unknown" if value is None else fmt.format(value)
+
+
+def describe_validation(v: dict) -> str:
+    """One line: the bound in nats per token (± s.e.), perplexity, bits per byte, the unigram baseline."""
+    return (f"NLL bound {v['val_nll_bound']:.4f} ± {_num(v.get('val_stderr'), '{:.4f}')} nats/token, "
+            f"perplexity {_num(v.get('val_ppl'), '{:.2f}')}, {_num(v.get('val_bits_per_byte'), '{:.4f}')} bits/byte "
+            f"(unigram baseline {_num(v.get('val_unigram_nll'), '{:.4f}')} nats/token, "
+            f"{_num(v.get('val_unigram_bits_per_byte'), '{:.4f}')} bits/byte; {v['val_tokens']:,} tokens, "
+            f"{v['val_weights']} weights)")
 
 
 def print_banner(cfg: Config, n_params: int, vocab_size: int, par, gas: int, run_dir: Path) -> None:
@@ -115,8 +128,7 @@ def print_summary(state, run_log: RunLog) -> None:
           f"training ({state.tokens_seen / max(state.train_time_s, 1e-9):,.0f} tokens/s)", flush=True)
     if state.last_val:
         v = state.last_val
-        print(f"validation (sub-token ELBO, {v['val_weights']} weights): NLL bound {v['val_nll_bound']:.4f} "
-              f"nats/token, perplexity {v['val_ppl']:.2f} over {v['val_tokens']:,} tokens", flush=True)
+        print(f"validation (sub-token ELBO): {describe_validation(v)}", flush=True)
     else:
         print("validation: the data has no 'val' split (prepare it with --val-fraction > 0)", flush=True)
     plot = plot_losses(run_log.cfg, run_log.run_dir)

@@ -47,8 +47,12 @@ def digit_table(vocab_size: int, ell: int, device=None) -> torch.Tensor:
 
 
 def subtokenize(ids: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
-    """[..., L] token ids -> [..., L*ell] digits, token-major, most significant digit first."""
+    """[..., L] token ids -> [..., L*ell] digits, token-major, most significant digit first.
+    An id outside [0, V) would encode as some other token (or an invalid code): refused."""
     b = base_for(vocab_size, ell)
+    if ids.numel() and bool(((ids < 0) | (ids >= vocab_size)).any()):
+        bad = ids[(ids < 0) | (ids >= vocab_size)].flatten()[0]
+        raise ValueError(f"subtokenize: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
     digits = (ids.long().unsqueeze(-1) // _powers(vocab_size, ell, ids.device)) % b
     return digits.flatten(-2)
 
@@ -129,8 +133,12 @@ def digit_marginal_log_probs(log_p: torch.Tensor, y0: torch.Tensor, vocab_size: 
     target = y0.unflatten(-1, (y0.shape[-1] // ell, ell))
     out = []
     for j in range(ell):
-        same_digit = dig[:, j] == target[..., j].unsqueeze(-1)  # [B, L, V]
-        out.append(torch.logsumexp(log_p.masked_fill(~same_digit, float("-inf")), dim=-1))
+        terms = log_p.masked_fill(~(dig[:, j] == target[..., j].unsqueeze(-1)), float("-inf"))  # [B, L, V]
+        # a digit no allowed class carries (yt inconsistent with x0) has mass 0: log 0 = -inf, and a
+        # zero gradient — logsumexp over an all -inf row would back-propagate NaN even where unused
+        empty = torch.isneginf(terms).all(-1, keepdim=True)
+        lse = torch.logsumexp(terms.masked_fill(empty, 0.0), dim=-1)
+        out.append(lse.masked_fill(empty.squeeze(-1), float("-inf")))
     return torch.stack(out, dim=-1)
 
 

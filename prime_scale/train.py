@@ -6,8 +6,11 @@ noise of each batch (prime_scale.noise) and the run's outputs (prime_scale.metri
 plugs in through hooks (prime_scale.checkpoint.hooks): the Trainer knows nothing about files
 beyond its run log. It knows nothing about launchers either: prime_scale.cli.train starts it.
 
-Validation numbers are the sub-token ELBO (the valid NLL bound) per original token; the perplexity
-is exp(Σ nll / Σ tokens). The training loss is the recipe's objective (model.objective).
+Validation runs the one estimator of prime_scale.evaluation under the training layout (the engine
+computes the losses; totals are summed over data-parallel ranks): the sub-token ELBO per original
+token (a valid NLL bound), its perplexity, standard error, bits per byte and the unigram baseline,
+equal to `prime-scale eval` of the same step's checkpoint. The training loss is the recipe's
+objective (model.objective).
 """
 
 from __future__ import annotations
@@ -20,12 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
-from prime_scale import metrics
+from prime_scale import evaluation, metrics
 from prime_scale.config import Config
 from prime_scale.errors import UserError
-from prime_scale.noise import EVAL_NOISE_STEP, make_batch
-
-EVAL_OBJECTIVE = "prime_elbo"
+from prime_scale.noise import make_batch
 
 
 def preflight(cfg: Config, resume: Optional[str], init_from: Optional[str]) -> None:
@@ -84,6 +85,7 @@ class Trainer:
     def setup(self) -> None:
         metrics.quiet_libraries()
         from prime_scale.data.loader import build_loader, load_manifests
+        from prime_scale.data.stats import SplitStats
         from prime_scale.engine import Engine
         from prime_scale.model import count_parameters
         from prime_scale.parallel import state as pstate
@@ -100,6 +102,7 @@ class Trainer:
         if "val" in manifest["splits"] and manifest["splits"]["val"]["sequences"] > 0:
             self.val_loader = build_loader(cfg, "val", self.par.dp_rank, self.par.dp, cfg.train.micro_batch, cfg.seed)
             self.val_start = self.val_loader.state_dict()
+            self.val_stats = SplitStats(self.manifests, "val", self.val_loader.weights)
         self.engine = Engine(cfg, self.par, self.vocab_size, init_from=self.init_from)
         self.n_params = count_parameters(self.engine.args)["total"]
 
@@ -138,7 +141,7 @@ class Trainer:
         for _ in range(self.engine.gas):
             with _rng_untouched():  # a new pass of the DataLoader draws its seed from torch's generator
                 raw = next(iterator)
-            out.append(make_batch(raw["input_ids"], raw["index"], seed=cfg.seed, step=step,
+            out.append(make_batch(raw["input_ids"], raw["index"], raw["position"], seed=cfg.seed, step=step,
                                   global_batch=cfg.train.global_batch, vocab_size=self.vocab_size,
                                   ell=cfg.model.ell))
         return out
@@ -189,10 +192,9 @@ class Trainer:
     # ---- validation
 
     def validate(self) -> dict:
-        """The sub-token ELBO over eval.batches global batches of the validation split (or all of
+        """The bound over the first eval.batches global batches of the validation split (or all of
         it), eval.mc_samples noise draws per sequence; EMA weights when optim.ema > 0."""
         cfg = self.cfg
-        total_nll, total_tokens = 0.0, 0.0
         self.val_loader.load_state_dict(self.val_start)
         chunks, chunk = [], []
         for i, raw in enumerate(self.val_loader):
@@ -206,21 +208,28 @@ class Trainer:
             chunks.append(chunk)
         self.val_loader.load_state_dict(self.val_start)
         t0 = time.perf_counter()
-        for k in range(cfg.eval.mc_samples):
-            for chunk in chunks:
-                batches = [make_batch(r["input_ids"], r["index"], seed=cfg.seed, step=EVAL_NOISE_STEP + k,
-                                      global_batch=cfg.train.global_batch, vocab_size=self.vocab_size,
-                                      ell=cfg.model.ell, valid=r.get("valid")) for r in chunk]
-                nll, tokens = self.engine.evaluate(batches, EVAL_OBJECTIVE)
-                total_nll += nll
-                total_tokens += tokens
-        bound = total_nll / max(total_tokens, 1.0)
-        result = {"val_nll_bound": bound, "val_ppl": math.exp(min(bound, 700.0)),
-                  "val_tokens": int(total_tokens / cfg.eval.mc_samples),
-                  "val_weights": "ema" if self.engine.ema is not None else "raw",
+        totals = evaluation.estimate(self.engine.evaluate, chunks, vocab_size=self.vocab_size, ell=cfg.model.ell,
+                                     seed=cfg.seed, mc_samples=cfg.eval.mc_samples, stats=self.val_stats,
+                                     reduce=self._sum_over_data_parallel)
+        r = evaluation.EvalResult.from_totals(totals, mc_samples=cfg.eval.mc_samples, seed=cfg.seed,
+                                              vocab_size=self.vocab_size, ell=cfg.model.ell,
+                                              carry_over=cfg.model.carry_over)
+        result = {"val_nll_bound": r.nll_per_token, "val_stderr": r.stderr, "val_ppl": r.ppl,
+                  "val_bits_per_byte": r.bits_per_byte, "val_unigram_nll": r.unigram_nll_per_token,
+                  "val_unigram_bits_per_byte": r.unigram_bits_per_byte, "val_tokens": r.tokens,
+                  "val_sequences": r.sequences, "val_weights": "ema" if self.engine.ema is not None else "raw",
                   "val_time_s": time.perf_counter() - t0}
+        result = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
         self.state.last_val = result
         return result
+
+    def _sum_over_data_parallel(self, totals: torch.Tensor) -> torch.Tensor:
+        if self.par.dp > 1:
+            import torch.distributed as dist
+
+            totals = totals.to(self.par.device)
+            dist.all_reduce(totals, group=self.par.dp_group)
+        return totals.cpu()
 
     def _log(self, record: dict) -> None:
         if self.run_log is not None:

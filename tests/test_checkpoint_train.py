@@ -1,8 +1,8 @@
 """Checkpoints in the real training loop (`prime-scale train`, 2 gloo processes, CPU, fp32):
 N steps + `--resume auto` + N steps gives exactly the losses of 2N uninterrupted steps, for TP=2 and
 for ZeRO-2 (dropout and EMA on, compared through metrics.jsonl); a new run over an old run's
-checkpoints is refused; and the consolidated checkpoint evaluated in one process (TP=1, the evaluator core on
-dense logits) equals the run's own validation under its original TP=2 layout."""
+checkpoints is refused; and `prime-scale eval` of the last checkpoint in one process equals the run's
+own validation under its TP=2 and DP=2 layouts (one estimator)."""
 
 from __future__ import annotations
 
@@ -100,58 +100,24 @@ def test_new_run_over_old_checkpoints_is_refused(runs, capsys):
     assert "holds checkpoints of an earlier run" in capsys.readouterr().err
 
 
-def test_consolidated_checkpoint_evaluates_like_the_sharded_run(runs, tmp_path):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_training_validation_equals_eval_of_the_checkpoint(runs, layout, tmp_path):
+    """One estimator: the run's val_nll_bound at its last step (under TP = 2, or DP = 2 with ZeRO-2)
+    equals `prime-scale eval` of that step's checkpoint in one process, on the same sequences (the
+    first eval.batches global batches of the split) and noise draws; the standard errors agree too."""
     work, demo, _ = runs
-    run = work / "tp2" / "c"
-    out = tmp_path / "consolidated"
-    assert cli.main(["convert", str(run), "--out", str(out), "--weights", "ema"]) == 0
-    config = json.loads((out / "config.json").read_text())
-    assert config["source_layout"]["tp"] == 2 and config["weights"] == "ema"
-    # the TP=2 run validated eval.batches × (global batch / micro batch) micro-batches (dp = 1)
-    n_micro = 2 * (8 // 2)
-    proc = subprocess.run([sys.executable, __file__, str(run / "recipe.yaml"), str(out), str(n_micro)],
-                          env=_env(demo, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    run = work / layout / "c"
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "prime_scale.cli", "eval", str(run), "--batch-size", "8", "--max-batches", "2",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, env=_env(demo, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    single = json.loads(proc.stdout.strip().splitlines()[-1])
-    sharded = _metrics(run)[-1]
-    assert single["tokens"] == sharded["val_tokens"]
-    assert abs(single["nll_per_token"] - sharded["val_nll_bound"]) < 1e-5
-
-
-def _evaluate_consolidated(recipe: str, consolidated: str, n_micro: int) -> dict:
-    """One process, TP = 1: the consolidated weights in a fresh model, the evaluator core on dense
-    logits, the validation batches and noise keys the trainer used."""
-    import torch
-
-    from prime_scale.export.reshard import load_consolidated_into
-    from prime_scale.config import load_recipe
-    from prime_scale.data.loader import build_loader
-    from prime_scale.noise import EVAL_NOISE_STEP
-    from prime_scale.evaluation import evaluate_bound
-    from prime_scale.model import ModelArgs, PrimeTransformer, name_map
-    from prime_scale.parallel import state as pstate
-
-    cfg = load_recipe(recipe, ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=0"])
-    pstate.init(cfg)
-    model = PrimeTransformer(ModelArgs.from_config(cfg, cfg.model.vocab_size))
-    load_consolidated_into(model, consolidated, name_map=name_map(model))
-    model.eval()
-    loader = build_loader(cfg, "val", 0, 1, cfg.train.micro_batch, cfg.seed)
-    batches = []
-    for i, raw in enumerate(loader):
-        if i >= n_micro:
-            break
-        valid = raw.get("valid", torch.ones(raw["input_ids"].shape[0], dtype=torch.bool)).bool()
-        batches.append({"input_ids": raw["input_ids"][valid], "index": raw["index"][valid]})
-    result = evaluate_bound(model, batches, vocab_size=cfg.model.vocab_size, ell=cfg.model.ell, seed=cfg.seed,
-                            mc_samples=1, global_batch=cfg.train.global_batch, step_key=EVAL_NOISE_STEP,
-                            carry_over=cfg.model.carry_over)
-    pstate.destroy()
-    return {"nll_per_token": result.nll_per_token, "tokens": result.tokens}
-
-
-if __name__ == "__main__":
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    print(json.dumps(_evaluate_consolidated(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+    evaluated = json.loads(out.read_text())
+    validated = _metrics(run)[-1]
+    assert evaluated["tokens"] == validated["val_tokens"] and evaluated["sequences"] == validated["val_sequences"] == 16
+    assert abs(evaluated["nll_per_token"] - validated["val_nll_bound"]) < 1e-5
+    assert abs(evaluated["stderr"] - validated["val_stderr"]) < 1e-5
+    assert abs(evaluated["bits_per_byte"] - validated["val_bits_per_byte"]) < 1e-5
+    assert evaluated["unigram_nll_per_token"] == pytest.approx(validated["val_unigram_nll"], rel=1e-9)
+    cfg = json.loads((run / "checkpoints" / f"step_{2 * N}" / "manifest.json").read_text())["recipe"]
+    assert evaluated["seed"] == cfg["seed"] and evaluated["weights"] == "ema"

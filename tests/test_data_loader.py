@@ -5,6 +5,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from prime_scale.config import load_recipe
 from prime_scale.data import build_loader, check_manifest, open_dataset
 from prime_scale.data.order import CHUNK, MixtureOrder
 from prime_scale.data.shm import SHM_NAME as STREAMING_SHM
+from prime_scale.data.sources import open_source
 from prime_scale.data.streaming_compat import import_streaming
 from prime_scale.errors import UserError
 
@@ -282,3 +284,75 @@ def test_loader_leaves_no_shared_memory_or_lock_files(data, tmp_path, monkeypatc
     del loader
     assert ours(set(os.listdir("/dev/shm")) - shm_before) == set()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_token_counts_are_a_bincount_of_every_sample_the_loader_reads(data, fmt):
+    path = data / fmt
+    m = open_dataset(path)
+    for split in ("train", "val"):
+        n = m["splits"][split]["sequences"]
+        batches = take(build_loader(cfg_for(path, workers=0), split, 0, 1, 16, seed=4), -(-n // 16))
+        # the first n stream positions are one epoch (train) or the one pass (val): each sample once
+        rows = torch.cat([b["input_ids"][(b["position"] < n) & b["valid"]] for b in batches]).numpy()
+        assert rows.shape == (n, SEQ)
+        np.testing.assert_array_equal(np.bincount(rows.reshape(-1), minlength=m["vocab_size"]),
+                                      m["splits"][split]["token_counts"])
+
+
+def test_position_is_the_stream_position_for_two_ranks_and_after_resume(data):
+    path = data / "mds"
+    cfg = cfg_for(path, workers=1)
+    loaders = [build_loader(cfg, "train", r, 2, 4, seed=5) for r in range(2)]
+    for r, ld in enumerate(loaders):
+        for step, b in enumerate(take(ld, 3)):
+            assert b["position"].dtype == torch.int64
+            np.testing.assert_array_equal(b["position"].numpy(), step * 8 + r * 4 + np.arange(4))
+            np.testing.assert_array_equal(ld.order.lookup(b["position"].numpy())[1], b["index"].numpy())
+    state = loaders[0].state_dict()
+    resumed = build_loader(cfg, "train", 1, 3, 2, seed=5)  # another layout: world 3, micro-batch 2
+    resumed.load_state_dict(state)
+    for step, b in enumerate(take(resumed, 2)):
+        np.testing.assert_array_equal(b["position"].numpy(), 24 + step * 6 + 2 + np.arange(2))
+    # a held-out split's padding: positions run on past the end, the index wraps, valid is False
+    n = open_dataset(path)["splits"]["val"]["sequences"]
+    last = list(build_loader(cfg, "val", 1, 2, 16, seed=0))[-1]
+    pos = last["position"].numpy()
+    np.testing.assert_array_equal(pos, (-(-n // 32) - 1) * 32 + 16 + np.arange(16))
+    np.testing.assert_array_equal(last["valid"].numpy(), pos < n)
+    np.testing.assert_array_equal(last["index"].numpy(), np.where(pos < n, pos, pos % n))
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_a_shard_holding_an_id_beyond_the_vocabulary_is_named(data, tmp_path, fmt):
+    good = open_dataset(data / fmt)
+    rows = open_source(good, "train").read(np.arange(good["splits"]["train"]["sequences"]))
+    V = int(np.median(rows.max(axis=1))) + 1  # a manifest claiming a smaller vocabulary than the shards'
+    bad = np.nonzero(rows.max(axis=1) >= V)[0]
+    ok = int(np.nonzero(rows.max(axis=1) < V)[0][0])
+    sid = int(bad[-1])
+    # the shard that holds sample sid, from the format's own records
+    if fmt == "mds":
+        shards = [(s["samples"], s["raw_data"]["basename"])
+                  for s in json.loads((data / fmt / "train" / "index.json").read_text())["shards"]]
+    else:
+        shards = [(s["samples"], s["file"]) for s in good["splits"]["train"]["shards"]]
+    ends = np.cumsum([c for c, _ in shards])
+    shard = shards[int(np.searchsorted(ends, sid, side="right"))][1]
+    assert shard != shards[0][1]  # not trivially the first shard
+    ds = tmp_path / fmt
+    shutil.copytree(data / fmt, ds)
+    m = json.loads((ds / "manifest.json").read_text())
+    m["vocab_size"] = V
+    for split in m["splits"].values():
+        del split["token_counts"]  # as a manifest written before counts were recorded
+    (ds / "manifest.json").write_text(json.dumps(m))
+    first_bad = int(rows[sid][rows[sid] >= V][0])
+    with pytest.raises(UserError, match=rf"{ds}, split train: sample {sid} in shard {ds}/train/{shard} holds token "
+                                        rf"id {first_bad}, but the manifest's vocab_size is {V}: the shards do not "
+                                        r"match the manifest's vocabulary; prepare the dataset again"):
+        open_source(open_dataset(ds), "train").read(np.array([ok, sid]))
+    assert open_source(open_dataset(ds), "train").read(np.array([ok])).max() < V
+    cfg = load_recipe(None, [f"data.path={ds}", f"model.seq_len={SEQ}", "data.num_workers=0"])
+    with pytest.raises(UserError, match=r"split train: sample \d+ in shard .* holds token id \d+"):
+        take(build_loader(cfg, "train", 0, 1, 64, seed=0), 10)

@@ -4,7 +4,9 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -39,6 +41,12 @@ def is_val(text: str, fraction: float, seed: int = 0) -> bool:
     """The documented split rule, computed independently of data_prep."""
     h = hashlib.blake2b(text.encode(), digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
     return int.from_bytes(h, "little") < int(fraction * 2 ** 64)
+
+
+def prorated(text_bytes, stream_ids, dropped):
+    """The documented bytes rule, in exact rationals: text bytes × kept ids / stream ids, rounded
+    to the nearest integer, halves up."""
+    return math.floor(Fraction(text_bytes * (stream_ids - dropped), stream_ids) + Fraction(1, 2))
 
 
 def read_mds(out, split):
@@ -79,10 +87,40 @@ def test_round_trip_text_to_shards_to_text(tmp_path, corpus, fmt):
         assert s["documents"] == len(docs) and s["sequences"] == len(seqs)
         assert s["tokens"] == len(expected) - len(docs)
         assert s["dropped_tokens"] == len(expected) - len(body)
+        # bits-per-byte facts: the text's bytes with the dropped tail prorated, and every position's id
+        assert s["bytes"] == prorated(sum(len(t.encode("utf-8")) for t in docs), len(expected), s["dropped_tokens"])
+        np.testing.assert_array_equal(s["token_counts"], np.bincount(seqs.reshape(-1), minlength=800))
+    assert all(m["splits"][s]["dropped_tokens"] > 0 for s in ("train", "val"))  # the proration is exercised
     assert m["tokenizer"]["hash"] == tok.hash and m["format"] == fmt and m["vocab_size"] == 800
     assert load_tokenizer(out).hash == tok.hash
     if fmt == "wds":
         assert len(m["splits"]["train"]["shards"]) > 1
+
+
+def test_split_bytes_are_the_exact_utf8_size_when_nothing_is_dropped(tmp_path, corpus):
+    root, texts, tok = corpus
+    # a prefix of the corpus and a sequence length whose bodies the stream fills exactly
+    for n in range(len(texts), 0, -1):
+        stream = sum(len(tok.encode(t)) + 1 for t in texts[:n])
+        body = next((d for d in range(40, 400) if stream % d == 0), None)
+        if body and "中文" in "".join(texts[:n]):
+            break
+    else:
+        pytest.fail("no prefix of the corpus packs exactly")
+    with open(tmp_path / "exact.jsonl", "w") as f:
+        for t in texts[:n]:
+            f.write(json.dumps({"text": t}) + "\n")
+    m = shard_corpus([str(tmp_path / "exact.jsonl")], tok, tmp_path / "ds",
+                     ShardOptions(seq_len=body + 2, format="wds", workers=2, shard_bytes=20_000, progress=False),
+                     log=lambda s: None)
+    s = m["splits"]["train"]
+    assert s["dropped_tokens"] == 0 and s["sequences"] == stream // body
+    utf8 = sum(len(t.encode("utf-8")) for t in texts[:n])
+    assert s["bytes"] == utf8 > sum(len(t) for t in texts[:n])  # bytes, not characters
+    seqs = read_wds(tmp_path / "ds", "train")
+    np.testing.assert_array_equal(s["token_counts"], np.bincount(seqs.reshape(-1), minlength=800))
+    assert s["token_counts"][tok.bos_id] == s["sequences"] == s["token_counts"][tok.eos_id] - n
+    assert '"token_counts": [' in (tmp_path / "ds" / "manifest.json").read_text()  # one line, not V
 
 
 def test_sharding_is_deterministic_and_split_is_by_content(tmp_path, corpus):
@@ -146,9 +184,12 @@ def test_pretokenized_gpt2_ids(tmp_path):
     m = shard_corpus([str(tmp_path / "ids.jsonl")], gpt2, tmp_path / "ds", ShardOptions(seq_len=128, progress=False),
                      ReadOptions(ids_field="input_ids"), log=lambda s: None)
     assert (m["vocab_size"], m["dtype"], m["tokenizer"]["kind"]) == (50257, "uint16", "external")
-    body = read_mds(tmp_path / "ds", "train")[:, 1:-1].reshape(-1)
+    seqs = read_mds(tmp_path / "ds", "train")
+    body = seqs[:, 1:-1].reshape(-1)
     expected = np.concatenate([d + [50256] for d in docs])
     np.testing.assert_array_equal(body, expected[: len(body)])
+    assert m["splits"]["train"]["bytes"] is None  # no text: unknown, not guessed
+    np.testing.assert_array_equal(m["splits"]["train"]["token_counts"], np.bincount(seqs.reshape(-1), minlength=50257))
     tok = load_tokenizer(tmp_path / "ds")
     assert isinstance(tok, ExternalTokenizer) and tok.hash == gpt2.hash
     with pytest.raises(UserError, match="cannot decode"):

@@ -58,6 +58,26 @@ def test_eval_sharded_equals_consolidated_and_reports_the_bound(trained, tmp_pat
     assert other_seed["nll_per_token"] != a["nll_per_token"]
 
 
+def test_eval_with_its_defaults_covers_the_whole_split_in_every_unit(trained, tmp_path):
+    """The README flow: `eval CKPT --json F`, no --max-batches. The demo's val split (431 sequences)
+    is not a multiple of the batch (8): its padded last batch counts only its real rows."""
+    from prime_scale.data.demo import demo_dataset
+
+    _, consolidated = trained
+    proc = run("eval", str(consolidated), "--json", str(tmp_path / "full.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads((tmp_path / "full.json").read_text())
+    val = json.loads((demo_dataset(128) / "manifest.json").read_text())["splits"]["val"]
+    assert val["sequences"] % 8 and (d["sequences"], d["tokens"]) == (val["sequences"], val["sequences"] * 128)
+    assert d["bits_per_byte"] == pytest.approx(d["nll_per_token"] * d["tokens"] / (math.log(2) * val["bytes"]),
+                                               rel=1e-9)
+    assert d["unigram_bits_per_byte"] == pytest.approx(
+        d["unigram_nll_per_token"] * d["tokens"] / (math.log(2) * val["bytes"]), rel=1e-9)
+    assert d["weights"] == "ema" and d["stderr"] > 0
+    for label in ("bits per byte", "unigram baseline", "perplexity bound"):
+        assert label in proc.stdout
+
+
 def test_sample_decodes_and_counts_network_calls(trained):
     _, consolidated = trained
     proc = run("sample", str(consolidated), "--num", "2", "--steps", "24", "--length", "32", "--json",

@@ -40,7 +40,7 @@ def _args(**kw):
 def _noisy(args, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randint(0, args.vocab_size, (B, args.seq_len), generator=g)
-    t, mask = noise.prime_noise(seed, 0, torch.arange(B), B, args.seq_len, args.ell)
+    t, mask = noise.prime_noise(seed, 0, torch.arange(B), torch.arange(B), B, args.seq_len, args.ell)
     return x0, prime.apply_mask(x0, mask, args.vocab_size, args.ell)
 
 

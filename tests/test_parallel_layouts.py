@@ -72,18 +72,18 @@ def run_layouts(layouts: list):
             for j in range(engine.gas):  # this rank's share of global batch `step`
                 first = step * G + (j * st.dp + st.dp_rank) * mb
                 index = torch.arange(first, first + mb)
-                batches.append(make_batch(data[index % ROWS], index, seed=0, step=step, global_batch=G,
+                batches.append(make_batch(data[index % ROWS], index, index, seed=0, step=step, global_batch=G,
                                           vocab_size=V, ell=cfg.model.ell))
             result = engine.train_step(batches)
             losses.append(result.loss)
             norms.append(result.grad_norm)
         before = [p.detach().clone() for p in engine.module.parameters()]
-        val = engine.evaluate(batches)  # EMA weights
+        val = _validation_sums(engine, batches, st)  # EMA weights
         extra = {}
         if st.world_size == 1 and cfg.parallel.zero_stage == 1:
             extra["independent_val"] = _dense_validation(engine, batches, cfg)
             extra["weights_restored"] = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
-            extra["val_raw"] = engine.evaluate(batches, use_ema=False)
+            extra["val_raw"] = _validation_sums(engine, batches, st, use_ema=False)
         if layouts[k] == ["parallel.pp=2"]:
             extra["refused"] = _wrong_topology_is_refused(st)
         records.append({"layout": overrides, "losses": losses, "norms": norms, "val": val, "weights": weights,
@@ -91,6 +91,18 @@ def run_layouts(layouts: list):
         dist.barrier()
         pstate.destroy()
     return records
+
+
+def _validation_sums(engine, batches, st, use_ema=True):
+    """[Σ ELBO, Σ tokens] of the engine's per-row evaluation sums over every DP replica."""
+    import torch
+    import torch.distributed as dist
+
+    rows = engine.evaluate(batches, use_ema=use_ema)
+    sums = torch.tensor([float(rows[:, 0].sum()), float(sum(b.tokens for b in batches))], dtype=torch.float64)
+    if st.dp > 1:
+        dist.all_reduce(sums, group=st.dp_group)
+    return sums.tolist()
 
 
 def _dense_validation(engine, batches, cfg):

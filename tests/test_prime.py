@@ -114,6 +114,7 @@ def test_ell_one_is_mdlm_subs():
     ref = torch.where(mask, -torch.log_softmax(logits, -1).gather(-1, x0[..., None])[..., 0] / t[:, None], 0.0)
     torch.testing.assert_close(elbo, ref)
     torch.testing.assert_close(em, ref.mean())
+    torch.testing.assert_close(jm, ref.sum() / ref.numel())  # no attention mask: every position counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -233,27 +234,27 @@ def test_antithetic_t_one_sample_per_stratum():
 
 def test_noise_is_independent_of_batch_split():
     index = torch.arange(100, 116)
-    t_all, m_all = noise.prime_noise(7, 3, index, 16, 12, 3)
-    parts = [noise.prime_noise(7, 3, chunk, 16, 12, 3) for chunk in (index[:5], index[5:6], index[6:])]
+    t_all, m_all = noise.prime_noise(7, 3, index, index, 16, 12, 3)
+    parts = [noise.prime_noise(7, 3, chunk, chunk, 16, 12, 3) for chunk in (index[:5], index[5:6], index[6:])]
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), t_all, rtol=0, atol=0)
     assert torch.equal(torch.cat([p[1] for p in parts]), m_all)
     # a permuted batch gives each sample its own noise
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
-    t_p, m_p = noise.prime_noise(7, 3, index[perm], 16, 12, 3)
+    t_p, m_p = noise.prime_noise(7, 3, index[perm], index[perm], 16, 12, 3)
     assert torch.equal(t_p, t_all[perm]) and torch.equal(m_p, m_all[perm])
 
 
 def test_noise_differs_across_step_seed_and_sample():
     index = torch.arange(8)
-    base_t, base_m = noise.prime_noise(0, 0, index, 8, 64, 2)
-    for other in (noise.prime_noise(1, 0, index, 8, 64, 2), noise.prime_noise(0, 1, index, 8, 64, 2),
-                  noise.prime_noise(0, 0, index + 8, 8, 64, 2)):
+    base_t, base_m = noise.prime_noise(0, 0, index, index, 8, 64, 2)
+    for other in (noise.prime_noise(1, 0, index, index, 8, 64, 2), noise.prime_noise(0, 1, index, index, 8, 64, 2),
+                  noise.prime_noise(0, 0, index + 8, index, 8, 64, 2)):
         assert not torch.equal(other[0], base_t) and not torch.equal(other[1], base_m)
 
 
 def test_noise_stratified_over_global_batch_and_mask_rate_follows_t():
     n, L, ell = 64, 128, 2
-    t, m = noise.prime_noise(3, 11, torch.arange(n * 5, n * 6), n, L, ell)
+    t, m = noise.prime_noise(3, 11, torch.arange(n * 5, n * 6), torch.arange(n * 5, n * 6), n, L, ell)
     u = (t.double() - prime.EPS) / (1 - prime.EPS)
     assert sorted((u * n).floor().long().tolist()) == list(range(n))
     rate = m.double().mean(1)
@@ -261,3 +262,53 @@ def test_noise_stratified_over_global_batch_and_mask_rate_follows_t():
     # each row: L·ell Bernoulli draws; 5 standard deviations
     sd = (expected * (1 - expected) / (L * ell)).sqrt()
     assert ((rate - expected).abs() <= 5 * sd + 1e-9).all()
+
+
+def test_training_noise_is_the_documented_draw():
+    """Replays the documented key and formulas: t = stratified_time(u, position mod G, G) and each
+    sub-token masked when its uniform is below (1 − ε)·t (the mask rate of α_t = 1 − (1 − ε) t)."""
+    index, position, G, L, ell = torch.tensor([901, 17, 4]), torch.tensor([40, 41, 47]), 8, 300, 2
+    t, mask = noise.prime_noise(6, 9, index, position, G, L, ell)
+    for row, (i, pos) in enumerate(zip(index.tolist(), position.tolist())):
+        g = torch.Generator().manual_seed(noise._key(6, 9, i))
+        u = torch.rand((), generator=g, dtype=torch.float64)
+        t_ref = noise.stratified_time(u, pos % G, G)
+        assert float(t[row]) == pytest.approx(float(t_ref), abs=1e-7)
+        uniforms = torch.rand(L * ell, generator=g, dtype=torch.float64)
+        assert torch.equal(mask[row], uniforms < (1 - prime.EPS) * t_ref)
+
+
+def test_training_strata_follow_the_position_in_the_global_batch_not_the_sample_id():
+    """A shuffled loader hands a step random sample ids; the G positions of the step still fill
+    the G strata exactly once (keyed on ids mod G, they would collide)."""
+    G = 16
+    for step in range(5):
+        ids = torch.randperm(10_000, generator=torch.Generator().manual_seed(step))[:G]
+        position = torch.arange(step * G, (step + 1) * G)
+        t, _ = noise.prime_noise(0, step, ids, position, G, 4, 2)
+        strata = ((t.double() - prime.EPS) / (1 - prime.EPS) * G).floor().long()
+        assert sorted(strata.tolist()) == list(range(G))
+
+
+def test_out_of_range_ids_are_refused_not_encoded_as_other_tokens():
+    for bad in (9, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary \\[0, 6\\)"):
+            prime.subtokenize(torch.tensor([[1, bad]]), 6, 2)
+    with pytest.raises(ValueError, match="sample 7, position 1: token id 6"):
+        noise.make_batch(torch.tensor([[1, 6]]), torch.tensor([7]), torch.tensor([0]), seed=0, step=0,
+                         global_batch=1, vocab_size=6, ell=2)
+
+
+def test_inconsistent_positions_removed_by_the_attention_mask_cannot_poison_gradients():
+    """yt whose visible digit disagrees with x0 (at a padding position): the ELBO stays finite and its
+    gradient has no NaN (a digit group with no allowed class used to back-propagate NaN)."""
+    V, ell = 9, 2  # b = 3
+    x0 = torch.tensor([[4, 5]])  # digits (1, 1), (1, 2)
+    yt = torch.tensor([[1, 3, 0, 3]])  # position 1 shows first digit 0, but x0 has 1
+    attention = torch.tensor([[True, False]])
+    logits = torch.randn(1, 2, V, requires_grad=True)
+    for objective in ("prime_elbo", "prime_joint"):
+        _, mean = prime.prime_loss(logits, x0, yt, torch.tensor([0.5]), attention, V, ell, objective)
+        (grad,) = torch.autograd.grad(mean, logits)
+        assert torch.isfinite(mean) and torch.isfinite(grad).all(), objective
+        assert float(grad[0, 1].abs().sum()) == 0.0

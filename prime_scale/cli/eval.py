@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="noise draws per sequence (default: the recipe's eval.mc_samples)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same numbers")
+    p.add_argument("--seed", type=int, default=None,
+                   help="noise seed (default: the run's seed, so the numbers equal its validation's)")
     add_weights_argument(p)
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                    help="also write the result as JSON to FILE ('-': print only the JSON on stdout)")

@@ -19,6 +19,9 @@ from prime_scale.errors import UserError
 
 DEFAULT_ROOT = "data/demo"
 ROOT_ENV = "PRIME_SCALE_DEMO_DIR"
+# recorded in the demo manifest's source.demo_version; raised whenever the prepared demo gains
+# something older caches lack, so they are rebuilt (2: per-split bytes and token_counts)
+DEMO_VERSION = 2
 
 
 def demo_root(root: Optional[str | Path] = None) -> Path:
@@ -30,20 +33,23 @@ def dataset_dir(root: Path, seq_len: int) -> Path:
 
 
 def is_complete(dataset: Path) -> bool:
-    """A prepared dataset is complete once its manifest exists and validates (it is written last)."""
+    """A prepared demo dataset is complete once its manifest exists and validates (it is written
+    last), and current once it was built by this demo version."""
     if not (dataset / MANIFEST_NAME).is_file():
         return False
     try:
-        read_manifest_file(dataset / MANIFEST_NAME)
+        m = read_manifest_file(dataset / MANIFEST_NAME)
     except UserError:
         return False
-    return True
+    source = m.get("source")
+    return isinstance(source, dict) and source.get("demo_version") == DEMO_VERSION
 
 
 def demo_dataset(seq_len: int, root: Optional[str | Path] = None) -> Path:
     """The prepared demo dataset for seq_len; a UserError saying how to build it when it is absent."""
     target = dataset_dir(demo_root(root), seq_len)
     if not is_complete(target):
-        raise UserError(f"{target}: the demo corpus for model.seq_len={seq_len} is not built; run "
+        raise UserError(f"{target}: the demo corpus for model.seq_len={seq_len} is not built (or was built by "
+                        "an older prime-scale); run "
                         f"`prime-scale prep demo --seq-len {seq_len}` (or set data.path to a prepared dataset)")
     return target

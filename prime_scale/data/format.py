@@ -7,7 +7,10 @@ A prepared dataset is a directory (or a remote URI holding the same tree):
     train/, val/            one folder of shards per split (MDS: index.json + *.mds; wds: *.tar)
 
 Every sample is one fixed-length sequence of `seq_len` token ids (BOS + body + EOS, packed from
-documents by `prime-scale prep shard`).
+documents by `prime-scale prep shard`). Each split may record `bytes` (the UTF-8 size of its text,
+null for pre-tokenized input) and `token_counts` (each id's occurrences over all positions of its
+sequences); manifests written before these existed lack them and stay valid (prime_scale/data/stats.py
+says what is then unknown).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def validate_manifest(m: Any, where: str) -> dict:
                 raise _fail(where, f"splits.{name}.{key} is missing or not an integer")
         if m["format"] == "wds" and not isinstance(split.get("shards"), list):
             raise _fail(where, f"splits.{name}.shards (the tar shards and their sample counts) is missing")
+        _check_split_facts(m, name, split, where)
     tok = m["tokenizer"]
     if tok.get("kind") not in TOKENIZER_KINDS:
         raise _fail(where, f"tokenizer.kind must be one of {', '.join(TOKENIZER_KINDS)}, got {tok.get('kind')!r}")
@@ -72,6 +76,31 @@ def validate_manifest(m: Any, where: str) -> dict:
     if tok["kind"] == "sentencepiece" and not isinstance(tok.get("dir"), str):
         raise _fail(where, "tokenizer.dir (where the sentencepiece model lies) is missing")
     return m
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_split_facts(m: dict, name: str, split: dict, where: str) -> None:
+    """The optional per-split facts for bits per byte and the unigram baseline, when present."""
+    redo = "the manifest is damaged; prepare the dataset again with `prime-scale prep shard`"
+    if "bytes" in split and split["bytes"] is not None and not _is_count(split["bytes"]):
+        raise _fail(where, f"splits.{name}.bytes must be a non-negative integer or null, got "
+                           f"{split['bytes']!r}: {redo}")
+    if "token_counts" not in split:
+        return
+    counts, V = split["token_counts"], m["vocab_size"]
+    if not isinstance(counts, list) or len(counts) != V:
+        got = f"a list of {len(counts)}" if isinstance(counts, list) else type(counts).__name__
+        raise _fail(where, f"splits.{name}.token_counts must be a list of vocab_size={V} counts, got {got}: {redo}")
+    bad = next((i for i, c in enumerate(counts) if not _is_count(c)), None)
+    if bad is not None:
+        raise _fail(where, f"splits.{name}.token_counts[{bad}] is {counts[bad]!r}, not a non-negative integer: {redo}")
+    positions = split["sequences"] * m["seq_len"]
+    if sum(counts) != positions:  # every position of every sequence holds one id
+        raise _fail(where, f"splits.{name}.token_counts sums to {sum(counts)}, but {split['sequences']} sequences "
+                           f"of {m['seq_len']} hold {positions} ids: {redo}")
 
 
 def read_manifest_file(path: Path) -> dict:

@@ -1,18 +1,22 @@
 """The training and validation loader: micro-batches for one data-parallel rank, resumable exactly.
 
     loader = build_loader(cfg, "train", dp_rank, dp_world, micro_batch, seed)
-    for batch in loader:          # {"input_ids": Long[B, L], "index": Long[B], "valid": Bool[B]}
+    for batch in loader:  # {"input_ids": Long[B, L], "index": Long[B], "position": Long[B], "valid": Bool[B]}
         ...
     ckpt["data"] = loader.state_dict()     # later: loader.load_state_dict(ckpt["data"])
 
 `index` is the sample's global index (its id in the dataset, offset by the sizes of the earlier
-datasets of a mixture): Prime noise is keyed on it. Positions and the order are explained in
-order.py. The state is the next stream position, counted in samples for all ranks together; it
-does not depend on the layout, so a run may resume with another data-parallel world size or
-micro-batch. Ranks must advance in lockstep (one micro-batch each per micro-step), as training does.
+datasets of a mixture): Prime noise is keyed on it. `position` is the row's place in the stream
+(positions and the order are explained in order.py), counted before the padding of a held-out
+split wraps around; like the order it does not depend on the layout, so what is keyed on it (the
+trainer's time strata: position mod the global batch) does not either. Token ids are checked
+against the manifest's vocabulary as they are read (sources.py). The state is the next stream
+position, counted in samples for all ranks together; it does not depend on the layout, so a run
+may resume with another data-parallel world size or micro-batch. Ranks must advance in lockstep
+(one micro-batch each per micro-step), as training does.
 
-"train" repeats epochs forever (or `epoch_limit` epochs); any other split is read once per
-iteration in stored order. Its last micro-step is padded with repeats of earlier samples so every
+"train" repeats epochs forever (or `epoch_limit` epochs); any other split, and any split with
+`single_pass=True` (evaluation), is read once per iteration in stored order. Its last micro-step is padded with repeats of earlier samples so every
 rank yields the same number of batches; padded rows have valid=False and must not be counted.
 
 DataLoader workers (cfg.data.num_workers) build the micro-batches; batch k always comes from the
@@ -81,7 +85,7 @@ class _MicroBatches(Dataset):
             tokens[sel] = sources[i].read(ids[sel])
         # numpy, not tensors: a worker hands arrays back through its pipe as plain bytes, where
         # tensors would each cost a shared-memory segment and a file-descriptor transfer
-        return {"input_ids": tokens, "index": self.offsets[src] + ids, "valid": valid}
+        return {"input_ids": tokens, "index": self.offsets[src] + ids, "position": self.positions(k), "valid": valid}
 
 
 def _as_is(item):
@@ -113,11 +117,11 @@ class Loader:
 
     def __init__(self, manifests: list[dict], weights: list[float], split: str, dp_rank: int, dp_world: int,
                  micro_batch: int, seed: int, shuffle: bool = True, num_workers: int = 0,
-                 epoch_limit: Optional[int] = None, block: int = DEFAULT_BLOCK):
+                 epoch_limit: Optional[int] = None, block: int = DEFAULT_BLOCK, single_pass: bool = False):
         self.manifests, self.weights, self.split = manifests, weights, split
         self.dp_rank, self.dp_world, self.micro_batch = dp_rank, dp_world, micro_batch
         self.seed, self.shuffle, self.num_workers, self.block = seed, shuffle, num_workers, block
-        self.repeat = split == "train"
+        self.repeat = split == "train" and not single_pass
         if any(m["format"] == "mds" for m in manifests):
             import_streaming()  # once here, before DataLoader workers fork, not once per worker
         sizes = [split_info(m, split)["sequences"] for m in manifests]
@@ -236,8 +240,9 @@ def load_manifests(cfg, split: str = "train") -> list[dict]:
 
 
 def build_loader(cfg, split: str, dp_rank: int, dp_world: int, micro_batch: int, seed: int,
-                 epoch_limit: Optional[int] = None) -> Loader:
-    """The loader of a recipe's data (data.path, data.mixture, or the built demo corpus) for one DP rank."""
+                 epoch_limit: Optional[int] = None, single_pass: bool = False) -> Loader:
+    """The loader of a recipe's data (data.path, data.mixture, or the built demo corpus) for one DP rank.
+    `single_pass`: read the split once in stored order, the last batch padded (evaluation of any split)."""
     if not 0 <= dp_rank < dp_world:
         raise UserError(f"data-parallel rank {dp_rank} is outside the world of {dp_world}")
     if micro_batch < 1:
@@ -249,5 +254,5 @@ def build_loader(cfg, split: str, dp_rank: int, dp_world: int, micro_batch: int,
         raise UserError(f"data.num_workers must be 0 or more, got {workers}")
     block = int(cfg.data.shuffle_block)  # samples per shuffle block
     return Loader(manifests, weights, split, dp_rank, dp_world, micro_batch, seed, cfg.data.shuffle, workers,
-                  epoch_limit, block)
+                  epoch_limit, block, single_pass)
 

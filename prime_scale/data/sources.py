@@ -1,7 +1,10 @@
 """Random access to the sequences of one split of a prepared dataset, MDS or webdataset.
 
 The loader decides which sample ids each rank reads (prime_scale/data/order.py); a source only
-answers "give me sample i". Sample ids run over the split's shards in order.
+answers "give me sample i". Sample ids run over the split's shards in order. Every block read is
+checked against the manifest's vocabulary (one max() per block: ids are unsigned), so shards that do
+not belong to their manifest stop with an error naming the shard and sample, not an index error
+deep in the model.
 
 - MDS: mosaicml-streaming's own shard readers (streaming.base.format), which decode the MDSWriter
   layout; compressed shards are decompressed with its codecs on first use.
@@ -36,7 +39,7 @@ class Source:
         self.dir = Path(manifest["dataset_dir"])
         self.uri = manifest.get("uri", str(self.dir))
         self.remote = is_remote(self.uri)
-        self.seq_len = manifest["seq_len"]
+        self.seq_len, self.vocab_size = manifest["seq_len"], manifest["vocab_size"]
         self.dtype = np.dtype(manifest["dtype"])
         self.num_samples = split_info(manifest, split)["sequences"]
         self.shard_sizes = self._shard_sizes()
@@ -54,6 +57,10 @@ class Source:
     def _read_in_shard(self, shard: int, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def shard_file(self, shard: int) -> str:
+        """The file of a shard, relative to the dataset directory."""
+        raise NotImplementedError
+
     def _local(self, rel: str) -> Path:
         """Local path of a dataset file, downloading it first for a remote dataset."""
         if self.remote:
@@ -68,8 +75,20 @@ class Source:
         shards = np.searchsorted(self.shard_starts, ids, side="right") - 1
         for s in np.unique(shards):
             where = np.nonzero(shards == s)[0]
-            out[where] = self._read_in_shard(int(s), ids[where] - self.shard_starts[s])
+            block = self._read_in_shard(int(s), ids[where] - self.shard_starts[s])
+            if block.size and block.max() >= self.vocab_size:
+                self._refuse_ids(int(s), ids[where], block)
+            out[where] = block
         return out
+
+    def _refuse_ids(self, shard: int, ids: np.ndarray, block: np.ndarray) -> None:
+        V = self.vocab_size
+        row = int(np.nonzero((block >= V).any(axis=1))[0][0])
+        bad = int(block[row][block[row] >= V][0])
+        raise UserError(f"{self.uri}, split {self.split}: sample {int(ids[row])} in shard "
+                        f"{self.uri}/{self.shard_file(shard)} holds token id {bad}, but the manifest's vocab_size is "
+                        f"{V}: the shards do not match the manifest's vocabulary; prepare the dataset again with "
+                        "`prime-scale prep shard` (or restore the manifest written with these shards)")
 
     def __getstate__(self):  # open handles stay in the process that opened them
         state = dict(self.__dict__)
@@ -86,6 +105,10 @@ class MDSSource(Source):
             raise UserError(f"{index}: cannot read the MDS index ({e})") from None
         self._open: dict = {}
         return np.array([s["samples"] for s in self._index["shards"]], dtype=np.int64)
+
+    def shard_file(self, shard: int) -> str:
+        info = self._index["shards"][shard]
+        return f"{self.split}/{(info.get('zip_data') or info['raw_data'])['basename']}"  # the stored file
 
     def _reader(self, shard: int):
         reader = self._open.get(shard)
@@ -133,6 +156,9 @@ class WDSSource(Source):
         self._shards = split_info(self.manifest, self.split)["shards"]
         self._open: dict = {}
         return np.array([s["samples"] for s in self._shards], dtype=np.int64)
+
+    def shard_file(self, shard: int) -> str:
+        return f"{self.split}/{self._shards[shard]['file']}"
 
     def _index_shard(self, shard: int):
         entry = self._open.get(shard)

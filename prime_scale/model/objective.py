@@ -6,6 +6,8 @@ gives its loss function, so the last stage computes the loss from the batch it r
 
 from __future__ import annotations
 
+import torch
+
 from prime_scale.model import vocab_parallel
 
 
@@ -31,6 +33,15 @@ class PrimeObjective:
             logits_shard, x0, yt, t, attention_mask, self.vocab_size, self.ell,
             vocab_start=self.tp_rank * local, group=self.tp_group, objective=self.objective,
             carry_over=self.carry_over)
+
+    def sequence_sums(self, logits_shard, x0, yt, t, mask):
+        """[B, 2] float64: per row, Σ of the sub-token ELBO (the bound) and Σ of the joint objective
+        over the counted positions (mask), both from the same logits: what evaluation adds up."""
+        sums = []
+        for objective in ("prime_elbo", "prime_joint"):
+            nll, _ = self.with_objective(objective).nll(logits_shard, x0, yt, t, mask)
+            sums.append(nll.double().sum(-1))
+        return torch.stack(sums, dim=-1)
 
     def __call__(self, logits_shard, labels):
         x0, yt, t, mask = labels

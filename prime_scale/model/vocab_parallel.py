@@ -6,6 +6,7 @@ gathered: per token position only two collectives run,
   1. all-reduce MAX of the largest allowed logit                         [B, L]
   2. all-reduce SUM of the partition function, plus either the target    [B, L, 2]      (joint, ℓ = 1)
      logit or the ℓ digit-marginal masses                                [B, L, 1 + ℓ]  (ELBO, ℓ > 1)
+(plus, for the ELBO's rare positions beyond the exp floor, two of size [positions, ℓ]: see below),
 and the backward pass needs no communication (its gradient is local: softmax minus target).
 
 Cost on [B, L, V_local]: the carry-over restriction and the ℓ digit marginals are each one GEMM with
@@ -14,6 +15,15 @@ a fixed 0/1 digit table H [V_local, ℓ·b] (2·ℓ·b flops per logit), instead
                      and k is not its value (exp of an excluded logit is exactly 0);
   digit marginals    (e H)[i, j·b + k] = mass of the classes whose digit j is k.
 For ℓ = 1 neither is needed: a visible token contributes exactly 0 (carry-over leaves one class).
+
+Extreme logits. exp runs on logits clamped at EXP_FLOOR (speed, below), which is harmless for Z ≥ 1
+and for the target's gathered logit (joint, ℓ = 1) but not for a digit marginal S_j whose true value
+lies near or below V·e^EXP_FLOOR. The ELBO with ℓ > 1 therefore recomputes, for the rare positions
+where a masked digit's S_j < EXACT_BELOW (decided on the all-reduced sums, so identically on every
+rank), log S_j exactly from the unclamped logits of those positions only: a per-group max
+(all-reduce MAX) and a sum below it (all-reduce SUM), both of size [positions, ℓ]. Those positions'
+fp32 logits are kept for the backward pass, which overwrites their gradient rows with the exact
+form. Ordinary logits never take this path: the fast path's cost and collectives are unchanged.
 
 Definitions follow prime_scale.prime exactly (docs/method.md); tests compare against it on the
 gathered tensors. All arithmetic is fp32 whatever the logits' dtype.
@@ -34,6 +44,10 @@ EXCLUDED = -1e30  # additive penalty of a class carry-over excludes
 # shifted logits are clamped here first, so an excluded class gets e ≈ 1.6e-38 instead of 0:
 # nothing next to Z ≥ 1 in fp32, and padding classes are zeroed exactly afterwards
 EXP_FLOOR = -87.0
+# a masked digit's mass S_j (relative to the max, so Z ≥ 1) below this is recomputed exactly. The
+# floor adds at most V·e^-87 ≈ V·1.6e-38 to a mass: below 1e-12 relative above the threshold for
+# any V < 1e8, and only a digit costing over 46 nats falls under it, so the exact path stays rare
+EXACT_BELOW = 1e-20
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,6 +62,17 @@ def _digit_onehot(vocab_size: int, ell: int, vocab_start: int, local_size: int, 
         for j in range(ell):
             onehot[rows, j * b + dig[:, j]] = 1.0
     return onehot.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _local_digits(vocab_size: int, ell: int, vocab_start: int, local_size: int, device: str) -> torch.Tensor:
+    """[V_local, ℓ] long: the digits of this shard's classes; −1 on padding classes, so they match
+    neither a digit nor the mask symbol."""
+    dig = torch.full((local_size, ell), -1, dtype=torch.long)
+    stop = min(vocab_start + local_size, vocab_size)
+    if stop > vocab_start:
+        dig[:stop - vocab_start] = prime.digit_table(vocab_size, ell)[vocab_start:stop]
+    return dig.to(device)
 
 
 def _restricted_logits(logits, yt, vocab_size: int, ell: int, vocab_start: int, carry_over: bool):
@@ -77,12 +102,12 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
 
 
 def _shift_by_max(z, group, vocab_size):
-    """z − max in place, with the max of the allowed logits all-reduced over the shards."""
+    """(z − max in place, max [B, L]), with the max of the allowed logits all-reduced over the shards."""
     zmax = _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group)
     if bool((zmax < EXCLUDED / 2).any()):
         raise ValueError("vocab-parallel Prime loss: a position's visible digits match no valid token "
                          f"(a code >= V={vocab_size}); yt is not a noised valid sequence")
-    return z.sub_(zmax.unsqueeze(-1))
+    return z.sub_(zmax.unsqueeze(-1)), zmax
 
 
 def _exp(z, vocab_size: int, vocab_start: int):
@@ -94,13 +119,89 @@ def _exp(z, vocab_size: int, vocab_start: int):
     return e
 
 
+def _exact_rows(logits, rows, x0, yt, key, carry_over: bool, group):
+    """For the positions `rows` (flat indices into B·L): their logits x [n, V_local] (fp32, −inf on
+    the classes carry-over excludes and on padding), target digits [n, ℓ], and for each target group
+    its largest logit g_j and log Σ_group exp(x_c − g_j) [n, ℓ], over all shards. Raw logits, not
+    z − max: the difference of two close logits is exact in fp32, which x − max (±1e4 apart) is not.
+    A group with no allowed class (possible only for inconsistent input) gets g_j = 0, log-sum −inf.
+    Each exponent is clamped at EXP_FLOOR too (speed): the group's sum is ≥ 1 (its largest term is
+    exactly 1), so the at most V·1.6e-38 this adds is nothing; −inf classes are left out by a where."""
+    vocab_size, ell = key[:2]
+    b = prime.base_for(vocab_size, ell)
+    dig = _local_digits(*key)
+    L = logits.shape[1]
+    x = logits[rows // L, rows % L].float()  # indexing, not reshape: never a copy of the whole shard
+    # the allowed set from the digits themselves, not from the −1e30 penalty: exactly −inf outside it
+    allowed = dig[:, 0] >= 0
+    if carry_over:
+        y = yt.reshape(-1, ell).index_select(0, rows)
+        for j in range(ell):
+            allowed = allowed & ((y[:, j:j + 1] == b) | (dig[:, j] == y[:, j:j + 1]))
+    x = x.masked_fill(~allowed, float("-inf"))
+    target = prime.subtokenize(x0.reshape(-1).index_select(0, rows), vocab_size, ell).view(-1, ell)
+    member = [allowed & (dig[:, j] == target[:, j:j + 1]) for j in range(ell)]  # each group's allowed classes
+    gmax = _all_reduce(torch.stack([x.masked_fill(~m, float("-inf")).amax(-1) for m in member], -1),
+                       dist.ReduceOp.MAX, group)
+    shift = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))  # never −inf − (−inf)
+    below = [torch.where(m, (x - shift[:, j:j + 1]).clamp_(min=EXP_FLOOR).exp_(), 0.0).sum(-1)
+             for j, m in enumerate(member)]
+    return x, target, shift, _all_reduce(torch.stack(below, -1), dist.ReduceOp.SUM, group).log()
+
+
+def _elbo_forward(logits, z, zmax, x0, yt, masked, key, carry_over: bool, group):
+    """(Σ_j m_j (log Z − log S_j) [B, L], the tensors backward needs) from the shifted logits z,
+    which become e in place. Positions where a masked S_j < EXACT_BELOW get log S_j from _exact_rows."""
+    vocab_size, ell, vocab_start, local, _ = key
+    B, L, _ = z.shape
+    b = prime.base_for(vocab_size, ell)
+    e = _exp(z, vocab_size, vocab_start)
+    mass = (e.view(B * L, local) @ _digit_onehot(*key)).view(B, L, ell * b)  # every digit value's mass
+    y0 = prime.subtokenize(x0, vocab_size, ell).reshape(B, L, ell)
+    cols = y0 + torch.arange(ell, device=y0.device) * b
+    parts = torch.cat([mass[..., :b].sum(-1, keepdim=True), mass.gather(-1, cols)], -1)  # Z, S_j
+    sums = _all_reduce(parts, dist.ReduceOp.SUM, group)
+    # S_j ≥ the floored mass of its group > 0, so the log is finite; exact below the threshold
+    log_s = sums[..., 1:].clamp_min(torch.finfo(torch.float32).tiny).log()
+    # decided on all-reduced sums and on yt alone: every rank flags the same rows, so every rank
+    # issues the same collectives (or none)
+    rows = (masked & (sums[..., 1:] < EXACT_BELOW)).any(-1).view(-1).nonzero().squeeze(-1)
+    exact = (None,) * 6
+    if rows.numel():
+        x_rows, target_rows, shift, log_sum = _exact_rows(logits, rows, x0, yt, key, carry_over, group)
+        zmax_rows = zmax.reshape(-1).index_select(0, rows)
+        log_s.view(B * L, ell).index_copy_(0, rows, (shift - zmax_rows.unsqueeze(-1)) + log_sum)
+        exact = (rows, x_rows, target_rows, shift, log_sum, zmax_rows)
+    nll = torch.where(masked, sums[..., :1].log() - log_s, torch.zeros_like(log_s)).sum(-1)
+    return nll, (e, sums, cols, masked, *exact)
+
+
+def _exact_grad(x, target, shift, log_sum, zmax, log_z, masked, w, dig):
+    """w (n·exp(z_c − log Z) − Σ_j m_j [digit_j(c) = y0_j] exp(z_c − log S_j)) on the exact rows
+    [n, V_local] (z = x − max, log S_j = g_j − max + log-sum_j; each exponent formed from close
+    values, see _exact_rows). A group with no allowed class (log-sum −inf) adds nothing: inconsistent
+    input, which only sits at removed positions (w = 0), gets a zero gradient, never 0·inf = NaN.
+    Exponents are clamped at EXP_FLOOR (speed; an error below 1.6e-38·w per class); the classes
+    outside the allowed set (x = −inf, finite logits elsewhere) get exactly 0 through a where."""
+    allowed = torch.isfinite(x)
+    base = ((x - zmax.unsqueeze(-1)) - log_z.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_()
+    grad = torch.where(allowed, base.mul_(masked.sum(-1, keepdim=True).float()), 0.0)
+    finite = torch.isfinite(log_sum)
+    safe = torch.where(finite, log_sum, torch.zeros_like(log_sum))
+    for j in range(masked.shape[-1]):
+        use = allowed & (masked[:, j] & finite[:, j]).unsqueeze(-1) & (dig[:, j] == target[:, j:j + 1])
+        grad.sub_(torch.where(use, ((x - shift[:, j:j + 1]) - safe[:, j:j + 1]).clamp_(min=EXP_FLOOR).exp_(), 0.0))
+    return grad.mul_(w.unsqueeze(-1))
+
+
 class _PrimeNLL(torch.autograd.Function):
     """Per-token Prime loss nll[B, L] (weighted by 1/t) from a logits shard. With e = exp(z − max)
     on allowed classes (0 elsewhere), Z = Σ e, S_j = mass of the classes whose digit j is the
     target's, m_j = digit j masked, n = Σ m_j, w = upstream gradient / t:
       joint  nll = (log Z − (z_x0 − max)) / t          ∂/∂z_c = w (e_c / Z − [c = x0])
       ELBO   nll = Σ_j m_j (log Z − log S_j) / t       ∂/∂z_c = w e_c (n / Z − Σ_j m_j [digit_j(c) = y0_j] / S_j)
-    For ℓ = 1 both are the joint form on the rows that count (the ELBO's S_0 is the target's mass)."""
+    For ℓ = 1 both are the joint form on the rows that count (the ELBO's S_0 is the target's mass).
+    The ELBO's rows beyond the exp floor use the same formula in log space (_exact_grad)."""
 
     @staticmethod
     def forward(ctx, logits, x0, yt, t, vocab_size, ell, vocab_start, objective, carry_over, group):
@@ -110,42 +211,33 @@ class _PrimeNLL(torch.autograd.Function):
         b = prime.base_for(vocab_size, ell)
         masked = (yt == b).reshape(B, L, ell)
         t = t.float().unsqueeze(-1)
-        z = _shift_by_max(_restricted_logits(logits, yt, vocab_size, ell, vocab_start, carry_over), group, vocab_size)
-        use_digits = objective == "prime_elbo" and ell > 1
-        if not use_digits:
-            x0_local = x0.long() - vocab_start
-            owned = (x0_local >= 0) & (x0_local < local)
-            idx = x0_local.clamp(0, local - 1).unsqueeze(-1)
-            # the target's shifted logit z_x0 − max, from the rank that owns it (x0 is always allowed)
-            z_target = torch.where(owned, z.gather(-1, idx).squeeze(-1), torch.zeros_like(t))
-            e = _exp(z, vocab_size, vocab_start)
-            sums = _all_reduce(torch.stack([e.sum(-1), z_target], -1), dist.ReduceOp.SUM, group)
-            nll = (sums[..., 0].log() - sums[..., 1]) / t
-            # rows that count: for ℓ = 1 the masked tokens (ELBO; joint with carry-over, where a
-            # visible token keeps one class and costs exactly 0); otherwise every token (for ℓ > 1
-            # the restricted logits already make a fully visible token cost 0)
-            if ell == 1 and (objective == "prime_elbo" or carry_over):
-                counts = masked[..., 0]
-            else:
-                counts = torch.ones_like(masked[..., 0])
-            nll = torch.where(counts, nll, torch.zeros_like(nll))
-            ctx.save_for_backward(e, sums, idx, owned, counts, t)
-        else:
-            e = _exp(z, vocab_size, vocab_start)
-            onehot = _digit_onehot(vocab_size, ell, vocab_start, local, str(logits.device))
-            mass = (e.view(B * L, local) @ onehot).view(B, L, ell * b)  # every digit value's mass
-            y0 = prime.subtokenize(x0, vocab_size, ell).reshape(B, L, ell)
-            cols = y0 + torch.arange(ell, device=y0.device) * b
-            parts = torch.cat([mass[..., :b].sum(-1, keepdim=True), mass.gather(-1, cols)], -1)  # Z, S_j
-            sums = _all_reduce(parts, dist.ReduceOp.SUM, group)
-            log_z = sums[..., :1].log()
-            # S_j ≥ the target's own mass > 0, up to fp32 underflow
-            log_s = sums[..., 1:].clamp_min(torch.finfo(torch.float32).tiny).log()
-            nll = torch.where(masked, log_z - log_s, torch.zeros_like(log_s)).sum(-1) / t
-            ctx.save_for_backward(e, sums, cols, masked, t)
-        ctx.use_digits = use_digits
+        z, zmax = _shift_by_max(_restricted_logits(logits, yt, vocab_size, ell, vocab_start, carry_over),
+                                group, vocab_size)
         ctx.key = (vocab_size, ell, vocab_start, local, str(logits.device))
+        ctx.use_digits = objective == "prime_elbo" and ell > 1
         ctx.logits_dtype = logits.dtype
+        if ctx.use_digits:
+            nll, saved = _elbo_forward(logits, z, zmax, x0, yt, masked, ctx.key, carry_over, group)
+            ctx.save_for_backward(*saved, t)
+            return nll / t
+        x0_local = x0.long() - vocab_start
+        owned = (x0_local >= 0) & (x0_local < local)
+        idx = x0_local.clamp(0, local - 1).unsqueeze(-1)
+        # the target's shifted logit z_x0 − max, from the rank that owns it (x0 is always allowed);
+        # gathered before the exp floor, so the joint loss is exact for any logits
+        z_target = torch.where(owned, z.gather(-1, idx).squeeze(-1), torch.zeros_like(t))
+        e = _exp(z, vocab_size, vocab_start)
+        sums = _all_reduce(torch.stack([e.sum(-1), z_target], -1), dist.ReduceOp.SUM, group)
+        nll = (sums[..., 0].log() - sums[..., 1]) / t
+        # rows that count: for ℓ = 1 the masked tokens (ELBO; joint with carry-over, where a
+        # visible token keeps one class and costs exactly 0); otherwise every token (for ℓ > 1
+        # the restricted logits already make a fully visible token cost 0)
+        if ell == 1 and (objective == "prime_elbo" or carry_over):
+            counts = masked[..., 0]
+        else:
+            counts = torch.ones_like(masked[..., 0])
+        nll = torch.where(counts, nll, torch.zeros_like(nll))
+        ctx.save_for_backward(e, sums, idx, owned, counts, t)
         return nll
 
     @staticmethod
@@ -155,17 +247,25 @@ class _PrimeNLL(torch.autograd.Function):
             w = torch.where(counts, grad_nll.float() / t, torch.zeros_like(t))
             grad = e.mul_((w / sums[..., 0]).unsqueeze(-1))
             grad.scatter_add_(-1, idx, torch.where(owned, -w, torch.zeros_like(w)).unsqueeze(-1))
-        else:
-            e, sums, cols, masked, t = ctx.saved_tensors
-            B, L, local = e.shape
-            onehot = _digit_onehot(*ctx.key)
-            w = grad_nll.float() / t  # [B, L]
-            per_token = w * masked.sum(-1) / sums[..., 0]  # w n / Z
-            coef = torch.zeros(B, L, onehot.shape[1], device=e.device)
-            coef.scatter_(-1, cols, torch.where(masked, w.unsqueeze(-1) / sums[..., 1:], torch.zeros_like(sums[..., 1:])))
-            # w (n/Z − Σ_j m_j [digit_j(c) = y0_j] / S_j) for every class, as one GEMM
-            factor = torch.addmm(per_token.view(B * L, 1), coef.view(B * L, -1), onehot.t(), alpha=-1.0)
-            grad = e.mul_(factor.view(B, L, local))
+            return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
+        e, sums, cols, masked, rows, x_rows, target_rows, shift, log_sum, zmax_rows, t = ctx.saved_tensors
+        B, L, local = e.shape
+        onehot = _digit_onehot(*ctx.key)
+        w = grad_nll.float() / t  # [B, L]
+        per_token = w * masked.sum(-1) / sums[..., 0]  # w n / Z
+        coef = torch.zeros(B, L, onehot.shape[1], device=e.device)
+        coef.scatter_(-1, cols, torch.where(masked, w.unsqueeze(-1) / sums[..., 1:], torch.zeros_like(sums[..., 1:])))
+        # w (n/Z − Σ_j m_j [digit_j(c) = y0_j] / S_j) for every class, as one GEMM
+        factor = torch.addmm(per_token.view(B * L, 1), coef.view(B * L, -1), onehot.t(), alpha=-1.0)
+        grad = e.mul_(factor.view(B, L, local))
+        if rows is not None:
+            # on these rows the floored e (and 1/S_j, which may overflow) made the fast form wrong:
+            # the exact form replaces the rows whole
+            log_z = sums[..., 0].reshape(-1).index_select(0, rows).log()
+            masked_rows = masked.reshape(B * L, -1).index_select(0, rows)
+            exact = _exact_grad(x_rows, target_rows, shift, log_sum, zmax_rows, log_z, masked_rows,
+                                w.reshape(-1).index_select(0, rows), _local_digits(*ctx.key))
+            grad.view(B * L, local).index_copy_(0, rows, exact)
         return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
 
 

@@ -52,6 +52,7 @@ class ParallelState:
     threads: int
     tp_group: object  # torch process groups (megatron's)
     dp_group: object
+    pp_group: object  # the pipeline stages of this rank's replica (validation sums travel on it)
     model_parallel_group: object  # TP × PP: the ranks that hold one replica of the model
 
     @property
@@ -162,7 +163,8 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
         dp_rank=mps.get_data_parallel_rank(), local_rank=env.local_rank,
         device=compute_device(env.local_rank),
         topology=topology, threads=threads, tp_group=mps.get_tensor_model_parallel_group(),
-        dp_group=mps.get_data_parallel_group(), model_parallel_group=mps.get_model_parallel_group(),
+        dp_group=mps.get_data_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
+        model_parallel_group=mps.get_model_parallel_group(),
     )
     seed_everything(cfg.seed, _STATE)
     return _STATE
