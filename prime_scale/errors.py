@@ -15,12 +15,15 @@ OK = 0
 INTERNAL_ERROR = 1  # a bug or a library failure: the traceback is printed
 USER_ERROR = 2  # bad input (recipe, file, flag, launcher environment): one message, no traceback
 INTERRUPTED = 130  # Ctrl-C (SIGINT)
+PREEMPTED = 3  # stopped early on a signal or train.max_minutes, after a checkpoint was saved
 
 EXIT_CODES = {
     OK: "success",
     INTERNAL_ERROR: "internal error (a traceback follows; please report it)",
     USER_ERROR: "bad input: a recipe, file, flag or launcher environment (the message names it)",
     INTERRUPTED: "interrupted (Ctrl-C)",
+    PREEMPTED: "stopped early on request (SIGTERM, SIGUSR1, Ctrl-C or train.max_minutes) after saving a "
+               "checkpoint: continue with --resume auto",
 }
 
 ERROR_DIR_ENV = "PRIME_SCALE_ERROR_DIR"
