@@ -16,6 +16,11 @@
    --train-steps steps on the same demo corpus, the FASTEST logged tokens_per_s (the most demanding
    consumer, so the ratio is conservative). With --no-trainer, a plain-PyTorch stand-in of the tiny
    recipe's network (same shape, fwd+bwd+AdamW) is timed instead.
+3. What the data checks cost the loader (target ≤ 2%): every loader configuration of 2. runs with
+   the checks (token ids on every read, each shard's sha256 when a process first opens it) and
+   without (`prime_scale.data.sources.CHECKS = False`, a switch for this bench only), in the same
+   rounds; the ratio is unchecked time / checked time. And the hash alone: sha256 of the train
+   shards vs reading one epoch through a source.
 
 Also: the time to build the demo corpus from nothing (target < 2 min), unless --demo-root is given.
 
@@ -119,31 +124,74 @@ def bench_sharding(demo_root: Path, work: Path, copies: int, repeats: int, seq_l
 
 
 def bench_loader(demo_ds: Path, work: Path, batches: int, repeats: int) -> dict:
+    """Loader sequences/s per format and worker count, with the data checks (token ids on every
+    read, each shard's sha256 when a process first opens it) and without them, in the same rounds.
+    `seq_per_s` is after the first batch (worker start-up excluded); `with_start` also counts the
+    first batch, which is where the shards are opened and hashed."""
     from data_prep.readers import ReadOptions
     from data_prep.shard import ShardOptions, shard_corpus
     from prime_scale.config import load_recipe
-    from prime_scale.data import build_loader, load_tokenizer
+    from prime_scale.data import build_loader, integrity, load_tokenizer, sources
 
     wds_ds = work / "demo-wds"
     shard_corpus([str(demo_ds.parent / "corpus.jsonl")], load_tokenizer(demo_ds), wds_ds,
                  ShardOptions(seq_len=128, format="wds", val_fraction=0.05, progress=False),
                  ReadOptions(format="jsonl"), log=lambda s: None)
-    out = {}
-    for fmt, path in (("mds", demo_ds), ("wds", wds_ds)):
-        for workers in (0, 1, 2):
+    configs = [(fmt, path, workers, checks) for fmt, path in (("mds", demo_ds), ("wds", wds_ds))
+               for workers in (0, 1, 2) for checks in (True, False)]
+    steady = {(fmt, workers, checks): float("inf") for fmt, _, workers, checks in configs}
+    whole = dict(steady)
+    for _ in range(repeats):  # every configuration once per round: slow phases of the machine hit all alike
+        for fmt, path, workers, checks in configs:
             cfg = load_recipe(None, [f"data.path={path}", f"data.num_workers={workers}"])
             B = cfg.train.micro_batch
-
-            def run():
-                it = iter(build_loader(cfg, "train", 0, 1, B, seed=0))
-                next(it)  # worker start-up is paid once per run, not per batch
-                t0 = time.perf_counter()
-                for _ in range(batches):
-                    next(it)
-                return time.perf_counter() - t0
-            s = min(run() for _ in range(repeats))
-            out[f"{fmt}_workers{workers}_seq_per_s"] = round(batches * B / s)
+            sources.CHECKS = checks  # read by each source when it is built, and carried into the workers
+            integrity._VERIFIED.clear()  # so that every run hashes its shards again, as a new process does
+            it = iter(build_loader(cfg, "train", 0, 1, B, seed=0))
+            t0 = time.perf_counter()
+            next(it)  # worker start-up and the shards' first open (the hash)
+            t1 = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            t2 = time.perf_counter()
+            key = (fmt, workers, checks)
+            steady[key], whole[key] = min(steady[key], t2 - t1), min(whole[key], t2 - t0)
+            del it
+    sources.CHECKS = True
+    B = load_recipe(None).train.micro_batch
+    out = {}
+    for fmt, _, workers, checks in configs:
+        if not checks:
+            continue
+        name = f"{fmt}_workers{workers}"
+        on, off = (fmt, workers, True), (fmt, workers, False)
+        out[f"{name}_seq_per_s"] = round(batches * B / steady[on])
+        out[f"{name}_unchecked_seq_per_s"] = round(batches * B / steady[off])
+        out[f"{name}_checked_over_unchecked"] = round(steady[off] / steady[on], 4)
+        out[f"{name}_with_start_checked_over_unchecked"] = round(whole[off] / whole[on], 4)
     return out
+
+
+def bench_hash(demo_ds: Path, repeats: int) -> dict:
+    """The first-open check's cost on its own: sha256 of the train split's shard files, vs one epoch
+    read through the loader's source (0 workers, in stored order, token-id check on)."""
+    from prime_scale.data import open_dataset
+    from prime_scale.data.integrity import file_digest
+    from prime_scale.data.sources import open_source
+
+    m = open_dataset(demo_ds)
+    shards = [e for e in m["files"] if e["path"].startswith("train/") and not e["path"].endswith(".json")]
+    size = sum(e["bytes"] for e in shards)
+    hash_s = best(lambda: [file_digest(demo_ds / e["path"]) for e in shards], repeats)
+    n = m["splits"]["train"]["sequences"]
+
+    def epoch():
+        src = open_source(m, "train")
+        for start in range(0, n, 16):
+            src.read(np.arange(start, min(n, start + 16)))
+    read_s = best(epoch, repeats)
+    return {"train_shard_mb": round(size / 1e6, 2), "sha256_mb_per_s": round(size / hash_s / 1e6),
+            "epoch_read_s": round(read_s, 3), "hash_over_epoch_read": round(hash_s / read_s, 4)}
 
 
 def bench_tiny_consumption(repeats: int, steps: int = 10) -> dict:
@@ -221,6 +269,7 @@ def main() -> None:
             print(json.dumps(res, indent=2))
             return
         res["loader"] = bench_loader(demo_ds, work, args.batches, args.repeats)
+        res["hash"] = bench_hash(demo_ds, args.repeats)
         if args.no_trainer:
             res["tiny"] = bench_tiny_consumption(args.repeats)
             consume = res["tiny"]["tiny_stand_in_seq_per_s"]
@@ -228,7 +277,8 @@ def main() -> None:
             res["tiny"] = bench_trainer_consumption(demo_ds.parent, work, args.train_steps)
             consume = res["tiny"]["trainer_seq_per_s_max"]
     res["tiny"]["consumed_seq_per_s_used"] = consume
-    res["loader_over_consumption"] = {k: round(v / consume, 1) for k, v in res["loader"].items()}
+    res["loader_over_consumption"] = {k: round(v / consume, 1) for k, v in res["loader"].items()
+                                      if k.endswith("_seq_per_s") and "unchecked" not in k}
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """Documents out of the files users actually have.
 
 Inputs are files, directories (searched recursively, sorted, hidden files skipped) and glob
-patterns. A file is plain text or JSONL by its extension (after an optional .gz / .zst), or as
+patterns. A file is plain text or JSONL by its extension (after an optional .gz / .bz2 / .xz / .zst), or as
 `--format` forces. Plain text is one document per file, or several documents split by a rule:
   blank-lines[=N]    a run of N or more blank lines ends a document (N defaults to 1)
   separator=TEXT     a line that is exactly TEXT ends a document (the line itself is dropped)
@@ -12,7 +12,9 @@ byte-order mark at the start of a file is dropped and, when documents are split 
 line break ending a document's last line belongs to the separator. Whitespace-only documents are
 skipped and counted.
 
-Bad input raises UserError naming the file (and the line for JSONL and for invalid UTF-8).
+Bad input raises UserError naming the file (and the line for JSONL and for invalid UTF-8); a
+compressed file that is truncated or corrupt is named as such (data_prep/compressed.py), never
+read as a shorter corpus.
 Invalid UTF-8 is an error by default; errors="replace" substitutes U+FFFD and counts the
 replacements instead.
 """
@@ -21,21 +23,18 @@ from __future__ import annotations
 
 import codecs
 import glob
-import gzip
-import io
 import json
 import os
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from data_prep.compressed import COMPRESSED, STREAM_ERRORS, open_binary, read_error
 from prime_scale.errors import UserError
 
 TEXT_EXTENSIONS = {".txt", ".text", ".md", ".rst"}
 JSONL_EXTENSIONS = {".jsonl", ".ndjson", ".json"}
-COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 
 
 @dataclass
@@ -109,7 +108,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
                     found.append(p)
         if not found and required:
             raise UserError(f"input directory '{item}' holds no text or JSONL file (looked for "
-                            f"{', '.join(sorted(TEXT_EXTENSIONS | JSONL_EXTENSIONS))}, optionally .gz/.zst)")
+                            f"{', '.join(sorted(TEXT_EXTENSIONS | JSONL_EXTENSIONS))}, optionally .gz/.bz2/.xz/.zst)")
         for f in found:
             add(f)
         return len(found)
@@ -161,26 +160,12 @@ def _counter() -> _ReplaceCounter:
     return _COUNTER
 
 
-def _open_binary(path: Path, compression: Optional[str]):
-    try:
-        raw = open(path, "rb")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror}") from None
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if compression == "zstd":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return raw
-
-
 def _lines(path: Path, compression: Optional[str], errors: str, stats: ReadStats) -> Iterator[tuple[int, str]]:
     """(line number, decoded line with its terminator) for every line of a file."""
     handler = _counter().name if errors == "replace" else "strict"
     counter = _counter()
     before = counter.count
-    f = _open_binary(path, compression)
+    f = open_binary(path, compression)
     lineno = 0
     try:
         with f:
@@ -197,13 +182,8 @@ def _lines(path: Path, compression: Optional[str], errors: str, stats: ReadStats
                 yield lineno, line
     except UserError:
         raise
-    except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile is an OSError; truncated: EOFError
-        what = f"{compression} data" if compression else "the file"
-        raise UserError(f"{path}: cannot read {what} (after line {lineno}): {e}") from None
-    except Exception as e:
-        if compression == "zstd" and type(e).__name__ == "ZstdError":
-            raise UserError(f"{path}: cannot read zstd data (after line {lineno}): {e}") from None
-        raise
+    except STREAM_ERRORS as e:  # truncated: EOFError; corrupt: each decompressor's own error
+        raise read_error(path, compression, lineno, e) from None
     finally:
         stats.replaced += counter.count - before
 

@@ -5,7 +5,9 @@ split are concatenated into one stream, the stream is cut into bodies of L-2 ids
 becomes BOS + body + EOS. The incomplete tail of the stream is dropped (and counted).
 
 The manifest also records per split `bytes` (UTF-8 size of the text its sequences hold: for bits
-per byte) and `token_counts` (each id's occurrences in the written sequences: the unigram baseline).
+per byte) and `token_counts` (each id's occurrences in the written sequences: the unigram baseline),
+and `files`: the size and sha256 of every file written (prime_scale/data/integrity.py). The writers
+themselves are data_prep/writers.py.
 
 The train/validation split is by document and by content: a keyed hash of the document decides,
 so the split does not depend on file order, and duplicate documents never straddle the splits.
@@ -33,14 +35,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data_prep.readers import ReadOptions, ReadStats, empty_corpus_error, iter_documents
+from data_prep.writers import MDSOut, WDSOut
 from prime_scale import __version__, fsio
-from prime_scale.data.format import MANIFEST_NAME, MANIFEST_VERSION, TOKENS_FIELD, token_dtype
+from prime_scale.data.format import MANIFEST_NAME, MANIFEST_VERSION, token_dtype
+from prime_scale.data.integrity import describe_files
 from prime_scale.data.tokenizer import Tokenizer, write_tokenizer_dir
 from prime_scale.errors import UserError
 
 TOKENIZER_SUBDIR = "tokenizer"
 BATCH_CHARS = 1 << 16  # text per task sent to a worker: amortises IPC, small enough to balance load
-WDS_PATTERN = "shard-%06d.tar"
 
 
 @dataclass
@@ -149,78 +152,6 @@ def split_bytes(text_bytes: int, stream_ids: int, dropped: int) -> int:
     return (2 * text_bytes * kept + stream_ids) // (2 * stream_ids)  # integer maths: exact at any size
 
 
-def _fast_mds_writer(**kwargs):
-    """An MDSWriter for our one fixed-shape ndarray column, without the per-sample cost.
-
-    MDS stores a column of static dtype and shape as the raw array bytes, and a sample holding only
-    such columns as their concatenation, so `row.tobytes()` is the library's encoding; parsing the
-    encoding string for every sample (the generic path) cost as much as tokenizing at L = 128. The
-    first sample is encoded both ways and compared, so a library change cannot go unnoticed."""
-    from prime_scale.data.streaming_compat import import_streaming
-
-    import_streaming()
-    from streaming.base.format.mds import MDSWriter
-
-    class FixedRowMDSWriter(MDSWriter):
-        checked = False
-
-        def encode_sample(self, sample):
-            row = sample[TOKENS_FIELD]
-            if not self.checked:
-                if super().encode_sample(sample) != row.tobytes():
-                    raise RuntimeError("mosaicml-streaming's MDS encoding of a fixed ndarray changed")
-                self.checked = True
-            return row.tobytes()
-
-    return FixedRowMDSWriter(**kwargs)
-
-
-class _MDSOut:
-    def __init__(self, root: Path, seq_len: int, dtype: str, opts: ShardOptions):
-        self.writer = _fast_mds_writer(columns={TOKENS_FIELD: f"ndarray:{dtype}:{seq_len}"}, out=str(root),
-                                       compression=opts.compression, size_limit=opts.shard_bytes)
-        self.shape, self.dtype = (seq_len,), np.dtype(dtype)
-        self.count = 0
-
-    def write(self, seqs: np.ndarray) -> None:
-        assert seqs.dtype == self.dtype and seqs.shape[1:] == self.shape  # what the fast path relies on
-        for row in seqs:
-            self.writer.write({TOKENS_FIELD: row})
-        self.count += len(seqs)
-
-    def finish(self) -> dict:
-        self.writer.finish()
-        return {}
-
-
-class _WDSOut:
-    def __init__(self, root: Path, seq_len: int, dtype: str, opts: ShardOptions):
-        import webdataset as wds
-
-        per_sample = seq_len * np.dtype(dtype).itemsize + 1024  # + tar header and npy header
-        self.per_shard = max(1, opts.shard_bytes // per_sample)
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self.writer = wds.ShardWriter(str(root / WDS_PATTERN), maxcount=self.per_shard, maxsize=float("inf"),
-                                      verbose=0)
-        self.count = 0
-
-    def write(self, seqs: np.ndarray) -> None:
-        for row in seqs:
-            self.writer.write({"__key__": f"{self.count:010d}", f"{TOKENS_FIELD}.npy": row})
-            self.count += 1
-
-    def finish(self) -> dict:
-        self.writer.close()
-        shards, left = [], self.count
-        for i in range(-(-self.count // self.per_shard)):
-            shards.append({"file": WDS_PATTERN % i, "samples": min(self.per_shard, left)})
-            left -= self.per_shard
-        for extra in sorted(self.root.glob("shard-*.tar"))[len(shards):]:
-            extra.unlink()  # ShardWriter opens the next (empty) shard eagerly
-        return {"shards": shards}
-
-
 # --------------------------------------------------------------------------- progress
 
 
@@ -285,7 +216,7 @@ def _write_splits(tmp: Path, splits: list[str], inputs: Sequence[str], read: Rea
             pool = stack.enter_context(ctx.Pool(workers, _init_worker, (tokenizer, opts.split_seed, opts.val_fraction)))
         else:
             _init_worker(tokenizer, opts.split_seed, opts.val_fraction)
-        writer_cls = _MDSOut if opts.format == "mds" else _WDSOut
+        writer_cls = MDSOut if opts.format == "mds" else WDSOut
         writers = {s: writer_cls(tmp / s, opts.seq_len, dtype, opts) for s in splits}
         packers = {s: Packer(opts.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in splits}
         totals = {s: {"documents": 0, "tokens": 0, "text_bytes": 0} for s in splits}
@@ -378,6 +309,8 @@ def shard_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path, o
             "packing": "wrap: documents + EOS concatenated, cut into BOS + (seq_len-2) + EOS",
             "splits": split_meta,
             "tokenizer": tok_meta,
+            # every file's size and sha256, read back from the page cache: checked when the data is read
+            "files": describe_files(tmp),
             "source": {"inputs": [str(i) for i in inputs], "format": read.format, "text_field": read.text_field,
                        "ids_field": read.ids_field, "doc_boundary": read.doc_boundary, "errors": read.errors,
                        "val_fraction": opts.val_fraction, "split_seed": opts.split_seed, **stats.as_dict(),

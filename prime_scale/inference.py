@@ -71,9 +71,7 @@ def load_model(ref: str | Path, weights: str = "auto") -> Iterator[LoadedModel]:
     from prime_scale.parallel import state
 
     with consolidated_view(ref, weights) as folder:
-        meta = read_config(folder)
-        if meta.get("format") != "prime-scale-consolidated":
-            raise UserError(f"{folder}/config.json: not a prime-scale checkpoint")
+        meta = read_config(folder)  # checked: a JSON object with the keys and types used below
         overrides = {"parallel": {"tp": 1, "pp": 1, "dp": 0, "zero_stage": 0}}
         tree = {**meta["recipe"], **overrides}
         tree["model"] = {**tree.get("model", {}), "vocab_size": int(meta["vocab_size"]), "dropout": 0.0}
@@ -82,7 +80,9 @@ def load_model(ref: str | Path, weights: str = "auto") -> Iterator[LoadedModel]:
         state.init(cfg)
         try:
             model = PrimeTransformer(ModelArgs.from_config(cfg, cfg.model.vocab_size))
-            load_consolidated_into(model, folder, name_map=name_map(model))
+            # a sharded checkpoint's temporary conversion is named by the checkpoint it came from
+            where = None if folder == Path(ref) else f"{ref} (converted for loading)"
+            load_consolidated_into(model, folder, name_map=name_map(model), where=where)
             model.eval()
             tok = folder / "tokenizer"
             yield LoadedModel(model, cfg, cfg.model.vocab_size, cfg.model.ell,
@@ -129,9 +129,24 @@ def recipe_of(ref: str | Path) -> Config:
     if is_consolidated(path):
         tree, where = read_config(path)["recipe"], f"{path}/config.json"
     else:
-        folder = resolve_checkpoint(path)
+        folder = resolve_checkpoint(path, verify=False)  # the recipe only: loading the weights verifies them
         tree, where = read_manifest(folder)["recipe"], f"{folder}/manifest.json"
     return config_from_dict(tree, where=where)
+
+
+def refuse_remote_data(cfg: Config, where: str) -> None:
+    """Evaluation reads the data a checkpoint's recipe names only when it is local: a checkpoint from
+    elsewhere could name any host, and fetching from it would leak where and when it is evaluated
+    (and read whatever that host serves). A remote dataset must come from the user (--data)."""
+    from prime_scale.data.remote import is_remote
+
+    named = [("data.path", cfg.data.path)] + [(f"data.mixture[{i}].path", e.path)
+                                              for i, e in enumerate(cfg.data.mixture)]
+    for key, location in named:
+        if location is not None and is_remote(str(location)):
+            raise UserError(f"{where}: recipe key '{key}' is the remote location {location!r}; data a checkpoint "
+                            "names is never fetched, so nothing was downloaded. Pass --data DATASET (a local "
+                            "prepared dataset, or a URI you trust) to choose what to evaluate on")
 
 
 def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optional[str] = None,
@@ -149,6 +164,9 @@ def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optiona
 
     with load_model(ref, weights) as loaded:
         cfg = loaded.cfg
+        if data is None:  # the recipe's data: checked before the loader opens (and maybe fetches) it
+            refuse_remote_data(cfg, f"{ref}/config.json" if is_consolidated(Path(ref))
+                               else f"{ref} (the recipe in its manifest.json)")
         source = dataclasses.replace(cfg.data, num_workers=0, shuffle=False)
         if data is not None:
             source = dataclasses.replace(source, path=data, mixture=[])

@@ -21,6 +21,7 @@ from typing import Optional
 
 from prime_scale import fsio
 from prime_scale.config import Config
+from prime_scale.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -74,7 +75,11 @@ class RunLog:
                                     mode=cfg.logging.wandb, config=cfg.to_dict())
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: say which file, not a bare errno
+            raise UserError(f"{self.run_dir / METRICS_FILE}: cannot write the step {record.get('step')} record "
+                            f"({e.strerror}); free space, then continue with --resume auto") from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None},
                            step=record["step"])
@@ -122,15 +127,19 @@ def print_banner(cfg: Config, n_params: int, vocab_size: int, par, gas: int, run
           f"dp {par.dp} × accumulation {gas}; {cfg.train.steps} steps; run dir {run_dir}", flush=True)
 
 
-def print_summary(state, run_log: RunLog) -> None:
+def print_summary(state, run_log: RunLog, stop_reason: Optional[str] = None) -> None:
     """The end of a run: what it did, its validation bound, and where its outputs are."""
-    print(f"done: {state.step} steps, {state.tokens_seen:,} tokens seen in {fmt_duration(state.train_time_s)} of "
+    head = f"stopped early at step {state.step} ({stop_reason})" if stop_reason else f"done: {state.step} steps"
+    print(f"{head}, {state.tokens_seen:,} tokens seen in {fmt_duration(state.train_time_s)} of "
           f"training ({state.tokens_seen / max(state.train_time_s, 1e-9):,.0f} tokens/s)", flush=True)
     if state.last_val:
         v = state.last_val
         print(f"validation (sub-token ELBO): {describe_validation(v)}", flush=True)
     else:
         print("validation: the data has no 'val' split (prepare it with --val-fraction > 0)", flush=True)
+    if stop_reason:
+        print("  a checkpoint of this step was saved (if checkpointing is on): continue with --resume auto",
+              flush=True)
     plot = plot_losses(run_log.cfg, run_log.run_dir)
     print(f"run directory: {run_log.run_dir} (recipe.yaml, {METRICS_FILE}"
           f"{', ' + plot.name if plot else ''}{', wandb/' if run_log.wandb is not None else ''})", flush=True)

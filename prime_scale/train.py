@@ -16,6 +16,8 @@ objective (model.objective).
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +27,10 @@ import torch
 
 from prime_scale import evaluation, metrics
 from prime_scale.config import Config
-from prime_scale.errors import UserError
+from prime_scale.errors import OK, PREEMPTED, UserError
 from prime_scale.noise import make_batch
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a scheduler's preemption notice, a user's request, Ctrl-C
 
 
 def preflight(cfg: Config, resume: Optional[str], init_from: Optional[str]) -> None:
@@ -79,6 +83,8 @@ class Trainer:
         self.after_step_hooks: list[Callable[["Trainer"], None]] = []
         self.before_loop_hooks: list[Callable[["Trainer"], None]] = []
         self.run_log: Optional[metrics.RunLog] = None
+        self.stop_reason: Optional[str] = None  # set, on every rank alike, when the run stops early
+        self._requested: Optional[str] = None  # this rank's pending stop request (a signal's name)
 
     # ---- set-up
 
@@ -127,13 +133,66 @@ class Trainer:
                 self._open_outputs()
                 metrics.print_banner(self.cfg, self.n_params, self.vocab_size, self.par, self.engine.gas,
                                      self.run_dir)
-            self.loop()
+            with self._stop_requests():
+                self.loop()
             if self.run_log is not None:
                 self.run_log.file.flush()
-                metrics.print_summary(self.state, self.run_log)
+                metrics.print_summary(self.state, self.run_log, self.stop_reason)
         finally:
             self.close()
-        return 0
+        return PREEMPTED if self.stop_reason else OK
+
+    # ---- stopping early: signals and the time budget
+
+    def _stop_requests(self):
+        """While the loop runs, SIGTERM / SIGUSR1 / SIGINT only ask for a stop: the run checkpoints at
+        the next step boundary (every rank agrees there) and exits with PREEMPTED. A second Ctrl-C
+        aborts at once."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def installed():
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {}
+
+            def request(signum, _frame):
+                name = signal.Signals(signum).name
+                # a second Ctrl-C aborts; the first may reach a rank twice (the terminal's process group
+                # and the local launcher's forward), so only one a second or more later counts
+                if name == "SIGINT" and self._requested == "SIGINT" and time.monotonic() - self._requested_at > 1.0:
+                    raise KeyboardInterrupt
+                if self._requested:
+                    return
+                self._requested, self._requested_at = name, time.monotonic()
+                if self.par.is_logging_rank:
+                    print(f"\n{name} received: stopping after this step with a checkpoint"
+                          f"{' (Ctrl-C again to abort without one)' if name == 'SIGINT' else ''}", flush=True)
+
+            for name in STOP_SIGNALS:
+                previous[name] = signal.signal(getattr(signal, name), request)
+            try:
+                yield
+            finally:
+                for name, handler in previous.items():
+                    signal.signal(getattr(signal, name), handler)
+
+        return installed()
+
+    def _agree_to_stop(self) -> Optional[str]:
+        """Collective, at every step boundary: the reason to stop now if any rank has one (a signal,
+        or train.max_minutes of wall time used by this process), else None."""
+        import torch.distributed as dist
+
+        minutes = self.cfg.train.max_minutes
+        over_time = bool(minutes) and time.monotonic() - self._started > 60 * minutes
+        code = 2 if self._requested else (1 if over_time else 0)
+        if self.par.world_size > 1:
+            flag = torch.tensor([code], dtype=torch.int64, device=self.par.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        return {0: None, 1: f"train.max_minutes={minutes:g} reached", 2: "a stop was requested (signal)"}[code]
 
     def micro_batches(self, iterator, step: int):
         cfg = self.cfg
@@ -150,6 +209,7 @@ class Trainer:
         cfg = self.cfg
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         train_iter = iter(self.train_loader)
+        self._started = time.monotonic()
         window_time, window_steps, window_loss, window_norms = 0.0, 0, 0.0, []
         while self.state.step < cfg.train.steps:
             step = self.state.step
@@ -169,9 +229,7 @@ class Trainer:
             done = self.state.step
             last = done == cfg.train.steps
             record = None
-            if not math.isfinite(result.loss):
-                raise UserError(f"step {done}: the training loss is {result.loss}; lower optim.lr or "
-                                "enable clipping (optim.clip)")
+            self._check_finite(done, result)
             if done % cfg.train.log_every == 0 or last or done == 1:
                 # means over the steps since the last line: one step's Prime loss is noisy (its t)
                 step_time = window_time / window_steps
@@ -186,8 +244,24 @@ class Trainer:
                 record = {**(record or {"step": done}), **val}
             if record is not None:
                 self._log(record)
-            for hook in self.after_step_hooks:
+            self.stop_reason = self._agree_to_stop() if done < cfg.train.steps else None
+            for hook in self.after_step_hooks:  # a checkpoint hook saves here when stop_reason is set
                 hook(self)
+            if self.stop_reason:
+                break
+
+    def _check_finite(self, step: int, result) -> None:
+        """A non-finite loss or gradient norm ends the run with a named error; nothing is saved after
+        it (the newest checkpoint holds the last good weights)."""
+        bad = [f"{what} is {value}" for what, value in (("the training loss", result.loss),
+                                                         ("the gradient norm", result.grad_norm))
+               if value is not None and not math.isfinite(value)]
+        if bad:
+            hint = ("lower optim.lr or raise optim.warmup_steps (clipping is on already), and check the data "
+                    "around this step" if self.cfg.optim.clip > 0 else
+                    "lower optim.lr or enable clipping (optim.clip)")
+            raise UserError(f"step {step}: {' and '.join(bad)}; the run stops without saving this state. {hint}; "
+                            "then continue from the newest checkpoint with --resume auto")
 
     # ---- validation
 

@@ -50,10 +50,11 @@ def _plant(folder, rel, marker):
     torch.save({"module": Payload(str(marker))}, folder / rel)
     m = json.loads((folder / mf.MANIFEST).read_text())
     for entry in m["files"]:
-        if entry["path"] == rel:
+        if entry["path"] == rel:  # sizes and content hashes: the manifest vouches for the payload
             entry["bytes"] = (folder / rel).stat().st_size
+            entry[mf.HASH] = mf.file_digest(folder / rel)
     (folder / mf.MANIFEST).write_text(json.dumps(m))
-    assert mf.is_complete(folder)
+    assert mf.is_complete(folder) and not mf.damage(folder)
 
 
 @pytest.fixture(scope="module")

@@ -349,8 +349,9 @@ def test_a_shard_holding_an_id_beyond_the_vocabulary_is_named(data, tmp_path, fm
     (ds / "manifest.json").write_text(json.dumps(m))
     first_bad = int(rows[sid][rows[sid] >= V][0])
     with pytest.raises(UserError, match=rf"{ds}, split train: sample {sid} in shard {ds}/train/{shard} holds token "
-                                        rf"id {first_bad}, but the manifest's vocab_size is {V}: the shards do not "
-                                        r"match the manifest's vocabulary; prepare the dataset again"):
+                                        rf"id {first_bad}, but the manifest's vocab_size is {V}: the shard is damaged, "
+                                        r"or the shards do not match the manifest's vocabulary; restore the shard, "
+                                        r"or prepare the dataset again"):
         open_source(open_dataset(ds), "train").read(np.array([ok, sid]))
     assert open_source(open_dataset(ds), "train").read(np.array([ok])).max() < V
     cfg = load_recipe(None, [f"data.path={ds}", f"model.seq_len={SEQ}", "data.num_workers=0"])

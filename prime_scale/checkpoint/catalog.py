@@ -7,19 +7,24 @@ A checkpoint directory holds one folder per save, `step_<N>`, plus a `latest` po
     <ckpt_dir>/latest                      <- "step_200" (DeepSpeed's own format, so its load works too)
 
 A folder counts as a checkpoint only if its manifest parses and every file it lists exists with the
-recorded size. Saves happen in `step_<N>.tmp-<nonce>` and are renamed into place after the manifest
-is written, so a crash at any moment leaves either the old set of checkpoints or the new one.
-Pure Python (no torch): `prime-scale convert` and tools can use it cheaply.
+recorded size (`read_manifest`, cheap). The manifest also records every file's SHA-256, computed
+while the save flushes the file to disk; `verify` re-reads the files and names any whose content
+changed (bit rot, an overwrite that kept the size). Resume, `convert`, `eval` and
+`prime-scale checkpoint verify` check it. Saves happen in `step_<N>.tmp-<nonce>` and are renamed
+into place after the manifest is written, so a crash at any moment leaves either the old set of
+checkpoints or the new one. Pure Python (no torch): `prime-scale convert` and tools can use it cheaply.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from prime_scale import fsio
 from prime_scale.errors import UserError
@@ -31,6 +36,9 @@ LATEST = "latest"
 STEP_RE = re.compile(r"^step_(\d+)$")
 TMP_MARK = ".tmp-"
 TRASH_MARK = ".trash-"
+DAMAGED_MARK = ".damaged-"
+HASH = "sha256"
+_CHUNK = 8 << 20
 
 
 class IncompleteCheckpoint(UserError):
@@ -106,37 +114,112 @@ def find_latest_complete(ckpt_dir: Path) -> Optional[Path]:
     return None
 
 
-def resolve_checkpoint(ref: Path) -> Path:
+# --------------------------------------------------------------------------- content hashes
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.new(HASH)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)  # hashlib releases the GIL on large buffers: hashing overlaps the fsyncs
+    return h.hexdigest()
+
+
+def describe_files(folder: Path, paths: Iterable[str]) -> list[dict]:
+    """{path, bytes, sha256} of the given files of folder, each fsynced (so the manifest never outlives
+    its data). The hash reads the file back from the page cache while another thread flushes it to
+    disk: the flush, not the hash, bounds the time."""
+    folder = Path(folder)
+    paths = sorted(paths)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # submitted in pairs, so one thread flushes a file while the other hashes it
+        jobs = [(pool.submit(fsio.fsync_file, folder / p), pool.submit(file_digest, folder / p)) for p in paths]
+        out = [{"path": p, "bytes": (folder / p).stat().st_size, HASH: digest.result()}
+               for p, (_, digest) in zip(paths, jobs)]
+        for flushed, _ in jobs:
+            flushed.result()
+    return out
+
+
+def relative_files(folder: Path, skip: Iterable[str] = ()) -> list[str]:
+    """Every regular file under folder, as paths relative to it (top-level entries in `skip` left out)."""
+    skip = set(skip)
+    out = []
+    for root, dirs, names in os.walk(folder):
+        if Path(root) == Path(folder):
+            dirs[:] = [d for d in dirs if d not in skip]
+        out += [str((Path(root) / n).relative_to(folder)) for n in names if Path(root) != Path(folder) or n not in skip]
+    return sorted(out)
+
+
+def damage(folder: Path, entries: Optional[list] = None) -> list[str]:
+    """What is wrong with a checkpoint folder, one line per file ([] = intact). Sizes first (cheap);
+    then every recorded hash is recomputed. `entries`: a share of the manifest's files to check (a
+    rank's part of a collective verification); default all of them."""
+    try:
+        manifest = read_manifest(folder)
+    except IncompleteCheckpoint as e:
+        return [str(e)]
+    problems = []
+    for entry in manifest["files"] if entries is None else entries:
+        expected = entry.get(HASH)
+        if expected is None:
+            continue  # written before prime-scale recorded hashes: the size check is all there is
+        try:
+            found = file_digest(Path(folder) / entry["path"])
+        except OSError as e:
+            problems.append(f"{folder}/{entry['path']}: unreadable ({e.strerror})")
+            continue
+        if found != expected:
+            problems.append(f"{folder}/{entry['path']}: content changed since it was saved ({HASH} expected "
+                            f"{expected[:16]}…, found {found[:16]}…)")
+    return problems
+
+
+def has_hashes(manifest: dict) -> bool:
+    return all(HASH in e for e in manifest.get("files", []))
+
+
+def damaged_checkpoint_error(folder: Path, problems: list[str]) -> UserError:
+    return UserError(f"{folder} is damaged: " + "; ".join(problems[:3]) +
+                     (f"; and {len(problems) - 3} more" if len(problems) > 3 else "") +
+                     ". Restore it from a copy, or use an older step_<N> folder (`prime-scale checkpoint "
+                     "verify` lists the intact ones)")
+
+
+def resolve_checkpoint(ref: Path, verify: bool = True) -> Path:
     """A user's CKPT argument: a checkpoint folder, a checkpoint directory (its newest complete
-    checkpoint) or a run directory (its checkpoints/ subfolder). UserError naming what was found."""
+    checkpoint) or a run directory (its checkpoints/ subfolder). UserError naming what was found;
+    with `verify`, the folder's file contents are checked against the manifest's hashes too."""
     ref = Path(ref)
     if not ref.exists():
         raise UserError(f"{ref}: no such checkpoint or directory")
     if (ref / MANIFEST).exists() or STEP_RE.match(ref.name) or TMP_MARK in ref.name:
         read_manifest(ref)  # raises with the reason when incomplete
-        return ref
+        return _verified(ref) if verify else ref
     for candidate in (ref, ref / "checkpoints"):
         latest = find_latest_complete(candidate)
         if latest is not None:
-            return latest
+            return _verified(latest) if verify else latest
     incomplete = [p.name for _, p in list_step_dirs(ref)] + [p.name for _, p in list_step_dirs(ref / "checkpoints")]
     hint = f" (incomplete folders only: {', '.join(incomplete)})" if incomplete else ""
     raise UserError(f"{ref}: no complete checkpoint found{hint}; give a step_<N> folder, a checkpoint "
                     "directory or a run directory")
 
 
+def _verified(folder: Path) -> Path:
+    problems = damage(folder)
+    if problems:
+        raise damaged_checkpoint_error(folder, problems)
+    return folder
+
+
 # --------------------------------------------------------------------------- publishing and retention (rank 0)
 
 
 def list_files(folder: Path) -> list[dict]:
-    """Every regular file under folder with its size, fsynced so the manifest never outlives its data."""
-    files = []
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
-            p = Path(root) / name
-            fsio.fsync_file(p)
-            files.append({"path": str(p.relative_to(folder)), "bytes": p.stat().st_size})
-    return sorted(files, key=lambda e: e["path"])
+    """Every regular file under folder with its size and hash, fsynced."""
+    return describe_files(folder, relative_files(folder))
 
 
 def remove_tree(folder: Path) -> None:
@@ -162,12 +245,22 @@ def remove_stale(ckpt_dir: Path, keep: str = "") -> list[str]:
     return removed
 
 
-def apply_retention(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Keep the newest `keep_last` complete checkpoints; delete the older complete ones. Folders that
-    are not complete checkpoints are left alone (they are not ours to judge)."""
+def set_aside(folder: Path) -> Path:
+    """Move a damaged checkpoint out of the step_<N> namespace (never delete it: it may be all the
+    user has), so that neither resume nor retention nor a new save of its step touches it again."""
+    aside = folder.with_name(folder.name + DAMAGED_MARK + os.urandom(3).hex())
+    os.replace(folder, aside)
+    return aside
+
+
+def apply_retention(ckpt_dir: Path, keep_last: int, protect: Iterable[str] = ()) -> list[str]:
+    """Keep the newest `keep_last` complete checkpoints; delete the older complete ones, except the
+    names in `protect` (checkpoints found damaged: kept for the user to inspect). Folders that are
+    not complete checkpoints are left alone (they are not ours to judge)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
-    complete = list_complete(ckpt_dir)
+    protect = set(protect)
+    complete = [(step, p) for step, p in list_complete(ckpt_dir) if p.name not in protect]
     removed = []
     for _, folder in complete[:-keep_last]:
         remove_tree(folder)

@@ -2,8 +2,12 @@
 
 - Saves every `checkpoint.every` steps (0: only at the end) and at the end, into `checkpoint.dir`
   (default `<run.dir>/checkpoints`), keeping the newest `checkpoint.keep_last`.
-- `--resume auto` continues from the newest complete checkpoint in that directory (or starts fresh
-  when there is none); `--resume PATH` continues from a given checkpoint and fails if it is absent.
+- `--resume auto` continues from the newest intact checkpoint in that directory (or starts fresh
+  when it holds none at all); `--resume PATH` continues from a given checkpoint and fails if it is
+  absent or damaged. Intact = complete (every file at its recorded size) and every file's content
+  hash as recorded; the ranks verify a share of the files each. A damaged newest checkpoint is named
+  in a warning and the next older intact one is used (retention then never deletes the damaged one);
+  when checkpoints exist but none is intact the run is refused: it never starts over silently.
 - Starting a new run (no --resume) where complete checkpoints already exist is refused: its saves
   would interleave with the old run's and a later resume could pick the wrong one.
 - A checkpoint of another model, seed, tokenizer or layout is refused before anything is loaded,
@@ -37,13 +41,51 @@ def check_resume(cfg, resume: Optional[str]) -> None:
     """Before anything starts: a new run must not write into a checkpoint directory of an earlier
     run; a named checkpoint must exist and be complete."""
     directory = checkpoint_dir(cfg)
+    published = mf.list_step_dirs(directory)
     if resume is None:
-        existing = mf.find_latest_complete(directory)
-        if existing is not None:
-            raise UserError(f"{directory} holds checkpoints of an earlier run (newest: {existing.name}); continue "
-                            f"it with --resume auto, or give this run another run.dir or checkpoint.dir")
-    elif resume != "auto":
-        mf.resolve_checkpoint(Path(resume))
+        if published:
+            raise UserError(f"{directory} holds checkpoints of an earlier run (newest: {published[-1][1].name}); "
+                            f"continue it with --resume auto, or give this run another run.dir or checkpoint.dir")
+    elif resume == "auto":
+        if published and not any(mf.is_complete(p) for _, p in published):
+            raise no_intact_checkpoint(directory, {p.name: mf.damage(p) for _, p in published})
+    else:
+        mf.resolve_checkpoint(Path(resume), verify=False)  # contents are verified by every rank at start
+
+
+def no_intact_checkpoint(directory: Path, damaged: dict) -> UserError:
+    detail = "; ".join(f"{name}: {problems[0]}" for name, problems in damaged.items())
+    return UserError(f"--resume auto: {directory} holds checkpoints but none is intact ({detail}). Nothing was "
+                     "started and nothing was deleted: restore a checkpoint from a copy, or start a new run in "
+                     "another run.dir (or checkpoint.dir)")
+
+
+def _collective_damage(folder: Path, par) -> list[str]:
+    """What is wrong with a checkpoint folder, decided together: sizes on every rank (cheap), then
+    each rank re-hashes every world_size-th file and the findings are gathered on all ranks."""
+    import torch.distributed as dist
+
+    try:
+        manifest = mf.read_manifest(folder)
+        mine = mf.damage(folder, manifest["files"][par.rank::par.world_size])
+    except mf.IncompleteCheckpoint as e:  # still gather: every rank must reach the collective
+        mine = [str(e)]
+    everyone = [None] * par.world_size
+    dist.all_gather_object(everyone, mine)
+    return list(dict.fromkeys(p for part in everyone for p in part))
+
+
+def _weights_finite(module, par) -> bool:
+    """Every rank's parameters (ZeRO-3: its partitions) are finite; decided together."""
+    import torch
+    import torch.distributed as dist
+
+    ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()) for p in module.parameters())
+    if par.world_size > 1:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=par.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
 
 
 def install(trainer, resume: Optional[str]) -> "TrainingCheckpoints":
@@ -93,6 +135,7 @@ class TrainingCheckpoints:
         self.dir = checkpoint_dir(trainer.cfg)
         self.resumed_from: Optional[Path] = None
         self.last_saved: Optional[int] = None
+        self.damaged: set = set()  # checkpoints found damaged at resume: retention keeps them
 
     # ---- what goes into a checkpoint
 
@@ -108,6 +151,10 @@ class TrainingCheckpoints:
 
         t = self.trainer
         module = t.engine.module
+        if not _weights_finite(module, t.par):
+            raise UserError(f"step {t.state.step}: the weights hold NaN or infinite values, so this state is not "
+                            f"saved (the newest checkpoint in {self.dir} stays the last good one); lower optim.lr "
+                            "and continue from it with --resume auto")
         path = store.save(
             t.engine.ds, self.dir, t.state.step,
             extra_state={"train": t.state.state_dict(), "loader": t.train_loader.state_dict()},
@@ -115,7 +162,7 @@ class TrainingCheckpoints:
             meta={"recipe": t.cfg.to_dict(), "vocab_size": t.vocab_size, "tokenizer": _tokenizer_dir(t),
                   "tokenizer_spec": t.train_loader.tokenizer, "tokens_seen": t.state.tokens_seen},
             keep_last=t.cfg.checkpoint.keep_last, name_map=name_map(module),
-            unpadded=unpadded_sizes(module, t.vocab_size), where=Coords.of(t.par))
+            unpadded=unpadded_sizes(module, t.vocab_size), where=Coords.of(t.par), protect=tuple(self.damaged))
         self.last_saved = t.state.step
         if t.par.is_logging_rank:
             print(f"  checkpoint @ step {t.state.step}: {path}", flush=True)
@@ -123,23 +170,44 @@ class TrainingCheckpoints:
 
     def after_step(self, trainer) -> None:
         every, step = trainer.cfg.checkpoint.every, trainer.state.step
-        if (every and step % every == 0) or step == trainer.cfg.train.steps:
+        if (every and step % every == 0) or step == trainer.cfg.train.steps or trainer.stop_reason:
             self.save()
 
     # ---- resume
 
     def _find(self) -> Optional[Path]:
+        """The checkpoint to continue from (collective: every rank verifies a share of each
+        candidate's files, and all take the same decision)."""
         if self.resume is None:
             return None
-        if self.resume == "auto":
-            return mf.find_latest_complete(self.dir)
-        return mf.resolve_checkpoint(Path(self.resume))
+        if self.resume != "auto":
+            folder = mf.resolve_checkpoint(Path(self.resume), verify=False)
+            problems = _collective_damage(folder, self.trainer.par)
+            if problems:
+                raise mf.damaged_checkpoint_error(folder, problems)
+            return folder
+        damaged = {}
+        for _, folder in reversed(mf.list_step_dirs(self.dir)):
+            problems = _collective_damage(folder, self.trainer.par)
+            if not problems:
+                if damaged and self.trainer.par.is_logging_rank:
+                    print(f"warning: --resume auto: skipping damaged checkpoint(s) "
+                          f"{'; '.join(f'{n} ({p[0]})' for n, p in damaged.items())}; they are kept as they are. "
+                          f"Continuing from {folder.name}", flush=True)
+                self.damaged = set(damaged)
+                return folder
+            damaged[folder.name] = problems
+        if damaged:
+            raise no_intact_checkpoint(self.dir, damaged)
+        return None
 
     def before_loop(self, trainer) -> None:
+        if trainer.par.rank == 0 and self.dir.is_dir():
+            mf.remove_stale(self.dir)  # partial saves a crash or a full disk left behind
         folder = self._find()
         if folder is None:
             if self.resume == "auto" and trainer.par.is_logging_rank:
-                print(f"--resume auto: no complete checkpoint in {self.dir}; starting from step 0", flush=True)
+                print(f"--resume auto: no checkpoint in {self.dir}; starting from step 0", flush=True)
             return
         from prime_scale.checkpoint import store
 

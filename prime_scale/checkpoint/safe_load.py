@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import zipfile
 from typing import Iterator
 
 import torch
@@ -85,10 +86,30 @@ def refusal(path, err: Exception) -> UnsafeCheckpoint:
                             f"be malicious). Detail: {detail(err)}")
 
 
+class UnreadableCheckpoint(UserError):
+    """A checkpoint file that is not a torch file prime-scale or DeepSpeed could have written."""
+
+
+RESTORE = ("copy the step folder again from where the run wrote it, or use another checkpoint step "
+           "(prime-scale convert and eval take a step_<N> folder)")
+
+
 def load(path, mmap: bool = False):
-    """torch.load of one file, weights only, on the CPU; UnsafeCheckpoint if the file is refused."""
+    """torch.load of one file, weights only, on the CPU; UnsafeCheckpoint if the file is refused,
+    UnreadableCheckpoint if it is not a torch file we write (FileNotFoundError passes through)."""
+    if mmap and os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # torch.save and DeepSpeed write zip archives; torch's own error for anything else talks
+        # about mmap and repeats the path as if it were the object saved
+        raise UnreadableCheckpoint(f"{path}: not a zip-format torch file (it is truncated, not a torch file, or an "
+                                   "old-style pickle from torch.save(..., _use_new_zipfile_serialization=False), "
+                                   f"which prime-scale and DeepSpeed never write); {RESTORE}")
     try:
         with weights_only_loading():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise refusal(path, e) from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a damaged file fails in the zip reader or the unpickler, each its own way
+        raise UnreadableCheckpoint(f"{path}: unreadable checkpoint file ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}); {RESTORE}") from None

@@ -102,7 +102,8 @@ def _weights_only_problem(obj) -> Optional[str]:
 def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional[dict] = None,
          ema: Optional[Mapping[str, torch.Tensor]] = None, meta: Optional[dict] = None,
          keep_last: Optional[int] = None, name_map: NameMap = None,
-         unpadded: Optional[Mapping[str, int]] = None, where: Optional[Coords] = None) -> Path:
+         unpadded: Optional[Mapping[str, int]] = None, where: Optional[Coords] = None,
+         protect: tuple = ()) -> Path:
     """Save and publish checkpoint `step_<step>` of `engine` under ckpt_dir. Collective.
 
     extra_state: this rank's own state (data-loader position, counters, ...); RNG streams are added
@@ -118,7 +119,9 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
     unpadded: canonical name -> true size along the partition dim, for tensors padded to a multiple
         of the TP degree (e.g. vocabulary rows); consolidation trims the padding, resharding re-pads.
     where: this rank's coordinates (the trainer's ParallelState); default: asked of the engine.
-    Returns the published folder.
+    protect: checkpoint names retention must not delete (found damaged: kept for the user).
+    Returns the published folder. A full disk is a UserError naming the intact previous checkpoint;
+    the partial save is removed.
     """
     ckpt_dir = Path(ckpt_dir)
     meta = dict(meta or {})
@@ -138,9 +141,49 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         mf.remove_stale(ckpt_dir)  # leftovers of a save or deletion that a crash interrupted
     dist.barrier()
+    try:
+        return _save_into(engine, tmp, ckpt_dir / tag, c, step, payload, ema, meta, keep_last, name_map,
+                          unpadded, protect)
+    except Exception as e:
+        full = _out_of_space(e, ckpt_dir)  # before the clean-up frees what the partial save took
+        if c.rank == 0:  # every rank has stopped writing (each phase ends in a collective): clean up
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full is None:
+            raise
+        previous = mf.find_latest_complete(ckpt_dir)
+        intact = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"no space left on the device while saving checkpoint step {step} to {ckpt_dir} ({full}); "
+                        f"the partial save was removed and {intact}. Free space (or set checkpoint.dir "
+                        "elsewhere), then continue with --resume auto") from None
 
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"prime_scale_step": int(step)},
-                           save_latest=False)
+
+def _out_of_space(error: BaseException, ckpt_dir: Path) -> Optional[str]:
+    """A description of the free space when `error` is (or looks like) a full disk, else None.
+    torch.save reports ENOSPC as a bare 'iostream error' RuntimeError: ask the filesystem too."""
+    import errno
+
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    # torch's writers turn ENOSPC into RuntimeErrors ('iostream error', 'unexpected pos …'): a write
+    # failure on a filesystem with (almost) nothing left is taken for what it is
+    if no_space or (isinstance(error, RuntimeError) and free is not None and free < (64 << 20)):
+        return f"{free / (1 << 20):.1f} MiB free" if free is not None else "free space unknown"
+    return None
+
+
+def _save_into(engine, tmp: Path, final: Path, c: Coords, step: int, payload: dict, ema, meta: dict,
+               keep_last, name_map, unpadded, protect) -> Path:
+    """The phases of a save, each ending in a collective that every rank reaches even on failure."""
+    ckpt_dir = final.parent
+
+    def deepspeed_files():
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"prime_scale_step": int(step)},
+                               save_latest=False)
+
+    _on_every_rank(f"checkpoint step {step}: writing DeepSpeed's files", deepspeed_files)
 
     ema_mode = None if ema is None else (EMA_PER_RANK if _zero3(engine) else EMA_PER_SHARD)
 
@@ -155,15 +198,20 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
             _save_ema(tmp, c, engine, ema, ema_mode)
         (tmp / LAYOUT_DIR / f"rank_{c.rank:05d}.json").write_text(json.dumps(record))
 
-    _on_every_rank(f"checkpoint step {step}: writing", write_own_files)  # also the barrier before publishing
+    _on_every_rank(f"checkpoint step {step}: writing", write_own_files)
 
-    final = ckpt_dir / tag
+    def hash_own_share():  # every rank hashes and flushes a share of the files: the work spreads
+        files = mf.relative_files(tmp, skip=(LAYOUT_DIR,))
+        records = mf.describe_files(tmp, files[c.rank::c.world])
+        (tmp / LAYOUT_DIR / f"files_{c.rank:05d}.json").write_text(json.dumps(records))
+
+    _on_every_rank(f"checkpoint step {step}: hashing", hash_own_share)  # also the barrier before publishing
 
     def publish():
         if c.rank == 0:
             _publish(engine, tmp, final, c, step, meta, ema_mode)
             if keep_last is not None:
-                mf.apply_retention(ckpt_dir, keep_last)
+                mf.apply_retention(ckpt_dir, keep_last, protect)
 
     _on_every_rank(f"checkpoint step {step}: publishing", publish)
     return final
@@ -210,6 +258,7 @@ def _publish(engine, tmp: Path, final: Path, c: Coords, step: int, meta: dict, e
     if len(records) != c.world:
         raise RuntimeError(f"{tmp}: {len(records)} of {c.world} ranks wrote their layout record "
                            "(a shared filesystem is required for multi-node checkpoints)")
+    files = [e for p in sorted((tmp / LAYOUT_DIR).glob("files_*.json")) for e in json.loads(p.read_text())]
     shutil.rmtree(tmp / LAYOUT_DIR)
     shards = [{k: r[k] for k in ("tp", "pp", "mp_file_rank", "params", "buffers")}
               for r in records if r["dp"] == 0]
@@ -222,6 +271,8 @@ def _publish(engine, tmp: Path, final: Path, c: Coords, step: int, meta: dict, e
         tokenizer = tokenizer_identity(src)
         copy_tokenizer_files(src, tokenizer["files"], tmp / TOKENIZER_DIR)
         tokenizer["copy"] = TOKENIZER_DIR
+    listed = {e["path"] for e in files}
+    files += mf.describe_files(tmp, [p for p in mf.relative_files(tmp) if p not in listed])  # the tokenizer copy
 
     manifest = {
         "format": mf.FORMAT, "version": mf.VERSION,
@@ -235,11 +286,16 @@ def _publish(engine, tmp: Path, final: Path, c: Coords, step: int, meta: dict, e
         "vocab_size": meta.pop("vocab_size", None),
         "tokenizer": tokenizer,
         "meta": meta,
-        "files": mf.list_files(tmp),
+        "files": sorted(files, key=lambda e: e["path"]),
     }
     fsio.write_atomic(tmp / mf.MANIFEST, json.dumps(manifest, indent=1))
     if final.exists():  # the same step saved again (e.g. right after a resume): replace it
-        mf.remove_tree(final)
+        problems = mf.damage(final)
+        if problems:  # never delete a damaged checkpoint: it may be what the user investigates
+            aside = mf.set_aside(final)
+            print(f"warning: {final} was damaged ({problems[0]}); kept as {aside.name}", flush=True)
+        else:
+            mf.remove_tree(final)
     os.replace(tmp, final)
     fsio.fsync_dir(final.parent)
     fsio.write_atomic(final.parent / mf.LATEST, final.name)

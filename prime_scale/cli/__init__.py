@@ -15,7 +15,7 @@ import sys
 from prime_scale import __version__
 from prime_scale.errors import EXIT_CODES, INTERRUPTED, USER_ERROR, UserError, report
 
-SUBCOMMANDS = ("recipe", "prep", "train", "eval", "sample", "convert")
+SUBCOMMANDS = ("recipe", "prep", "train", "eval", "sample", "convert", "checkpoint")
 HELP = {
     "recipe": "list, show or validate recipes (with overrides); show the schema and its defaults",
     "prep": "prepare data: train a tokenizer, shard a corpus, build the demo corpus, inspect a dataset",
@@ -23,6 +23,7 @@ HELP = {
     "eval": "evaluate the valid NLL bound (sub-token ELBO) and perplexity of a checkpoint",
     "sample": "generate text with the ancestral sub-token sampler",
     "convert": "consolidate a sharded checkpoint into one safetensors file",
+    "checkpoint": "verify checkpoints: every file against its manifest's sizes and content hashes",
 }
 
 

@@ -3,7 +3,7 @@
   tokenizer   train a sentencepiece tokenizer on a corpus
   shard       tokenize a corpus and write MDS or webdataset shards with a manifest
   demo        build the embedded demo corpus (CPython's own documentation)
-  inspect     summarise a prepared dataset and decode a few sequences
+  inspect     summarise a prepared dataset and decode a few sequences; --verify checks every file
   clean-shm   remove /dev/shm segments and lock files left by crashed mosaicml-streaming users
 """
 
@@ -13,7 +13,7 @@ import argparse
 import re
 import sys
 
-from prime_scale.errors import UserError
+from prime_scale.errors import USER_ERROR, UserError
 
 
 def _size(text: str) -> int:
@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset directory or URI")
     p.add_argument("--split", default="train", help="which split to decode sequences from (default: train)")
     p.add_argument("--decode", type=int, default=2, metavar="N", help="decode the first N sequences")
+    p.add_argument("--verify", action="store_true",
+                   help="read every file: sizes and sha256 against the manifest, token ids against the vocabulary; "
+                        "report each damaged file (exit 2 if any)")
 
     p = sub.add_parser("clean-shm", help="remove stale mosaicml-streaming /dev/shm segments and lock files")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
@@ -125,6 +128,15 @@ def _inspect(args) -> int:
           f"({tok['kind']} {tok['hash'][:19]}, bos {tok['bos_id']} eos {tok['eos_id']} pad {tok.get('pad_id')})")
     for name, s in m["splits"].items():
         print(f"  {name:6s} {s['documents']:>10,} documents {s['tokens']:>14,} tokens {s['sequences']:>12,} sequences")
+    if args.verify:
+        from prime_scale.data.verify import verify_dataset
+
+        report = verify_dataset(m)
+        for line in report.damaged:
+            print(f"DAMAGED {line}")
+        print(report.summary(m))
+        if report.damaged:
+            return USER_ERROR
     info = split_info(m, args.split)
     n = min(args.decode, info["sequences"])
     if n:

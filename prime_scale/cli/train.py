@@ -6,11 +6,14 @@ sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (docs/training.m
     deepspeed --num_gpus N --module prime_scale.cli.train RECIPE ...   (on CPU: set OMP_NUM_THREADS)
 `--nproc N` starts N local processes for you. Checks that need no process group (the recipe, the
 layout, the launcher's environment, the checkpoint directory) run first, before anything is built.
+A run directory takes one training at a time (prime_scale/run_lock.py); the ranks of `--nproc`
+die with their launcher (prime_scale/parallel/launch.py, die_with_launcher).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from prime_scale.cli.common import add_recipe_arguments, recipe_and_overrides
@@ -38,32 +41,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from prime_scale.parallel.launch import check_nproc, die_with_launcher, read_launch_env
+
+    die_with_launcher()  # a rank of our --nproc launcher: before anything else, so none outlives it
+    from prime_scale import run_lock
     from prime_scale.config import load_recipe, resolve_dp
-    from prime_scale.parallel.launch import check_nproc, read_launch_env
-    from prime_scale.train import preflight
 
     recipe, overrides = recipe_and_overrides(args)
     cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
     if args.nproc is not None:
         check_nproc(args.nproc)
         resolve_dp(cfg, args.nproc)  # a layout that cannot work fails here, not in N tracebacks
+        lock_here = True  # the launcher holds the lock; its ranks inherit it
     else:
-        world_size = read_launch_env().world_size  # bad launcher input: a clear error
-        resolve_dp(cfg, world_size)
-    preflight(cfg, args.resume, args.init_from)  # checkpoint mix-ups fail here too
-    _ensure_demo_corpus(cfg)
-    if args.nproc is not None:
-        from prime_scale.parallel.launch import launch_local
+        launch = read_launch_env()  # bad launcher input: a clear error
+        resolve_dp(cfg, launch.world_size)
+        lock_here = launch.rank == 0  # under torchrun / deepspeed: global rank 0 only
+    # one training per run directory, locked before --resume reads it or anything is written there
+    with run_lock.hold(run_lock.lock_dirs(cfg), take=lock_here) as locks:
+        from prime_scale.train import preflight  # torch: imported once the directory is ours
 
-        rc = launch_local(args.nproc, "prime_scale.cli.train", _rank_argv(args, recipe, overrides))
-        return rc or show_samples(cfg, args.samples)
-    from prime_scale.checkpoint import hooks
-    from prime_scale.train import Trainer
+        preflight(cfg, args.resume, args.init_from)  # checkpoint mix-ups fail here too
+        _ensure_demo_corpus(cfg)
+        if args.nproc is not None:
+            from prime_scale.parallel.launch import launch_local
 
-    trainer = Trainer(cfg, init_from=args.init_from)
-    hooks.install(trainer, args.resume)
-    rc = trainer.run()
-    return rc or (show_samples(cfg, args.samples) if read_launch_env().world_size == 1 else 0)
+            rc = launch_local(args.nproc, "prime_scale.cli.train", _rank_argv(args, recipe, overrides),
+                              environ={**os.environ, **locks.child_env()}, pass_fds=locks.fds)
+            return rc or show_samples(cfg, args.samples)
+        from prime_scale.checkpoint import hooks
+        from prime_scale.train import Trainer
+
+        trainer = Trainer(cfg, init_from=args.init_from)
+        hooks.install(trainer, args.resume)
+        rc = trainer.run()
+        return rc or (show_samples(cfg, args.samples) if read_launch_env().world_size == 1 else 0)
 
 
 def _rank_argv(args, recipe, overrides) -> list[str]:

@@ -18,7 +18,7 @@ import yaml
 
 from prime_scale.config.provenance import COMMAND_LINE, DEFAULT_ORIGIN, RecipeError, blame, leaf_keys
 from prime_scale.config.schema import Config, leaf_keys as schema_leaf_keys
-from prime_scale.config.validation import validate
+from prime_scale.config.validation import blame_item, validate
 
 # the repository's recipes/ folder: prime_scale/config/loading.py -> ../../../recipes
 RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "recipes"
@@ -110,6 +110,47 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _check_override_key(key: str, text: str) -> None:
+    """Refuse an override whose key is not in the schema, naming the override and the nearest key.
+
+    _build would catch it too, but only as an unknown section with no origin recorded for it
+    (`modle.layers=2` records `modle.layers`, not `modle`), so it blamed "defaults"; here the
+    override itself is still at hand. Parts past a leaf (`model.layers.x`) are left to the type
+    check, which says what the leaf expects.
+    """
+    cls: Any = Config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            wrong = ".".join(parts[: depth + 1])
+            close = _closest(parts)
+            # a suggestion that stops above the wrong part (`model` for model.zzz) helps nobody
+            hint = (f" (did you mean '{'.'.join(close)}'?)" if len(close) > depth
+                    else f" (known keys: {', '.join(f.name for f in dataclasses.fields(cls))})")
+            raise RecipeError(f"{COMMAND_LINE}: unknown key '{wrong}' in override '{text}'{hint}")
+        cls = hints[part]
+
+
+def _closest(parts: list[str]) -> list[str]:
+    """The schema key nearest to `parts`, corrected level by level (`optm.lr` -> optim.lr), stopping
+    at a leaf or at a level with nothing close; [] when even the first part has no close name."""
+    cls: Any = Config
+    out: list[str] = []
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            break
+        hints = typing.get_type_hints(cls)
+        close = [part] if part in hints else difflib.get_close_matches(part, list(hints), n=1, cutoff=0.5)
+        if not close:
+            break
+        out.append(close[0])
+        cls = hints[close[0]]
+    return out
+
+
 def _apply_override(tree: dict, key: str, value: Any, provenance: dict) -> None:
     parts = key.split(".")
     node = tree
@@ -151,6 +192,7 @@ def load_recipe_with_origins(ref: Optional[str] = None,
     tree = _load_chain(resolve_recipe_path(ref), (), provenance)
     for text in overrides:
         key, value = parse_override(text)
+        _check_override_key(key, text)
         _apply_override(tree, key, value, provenance)
     cfg = _build(Config, tree, "", provenance)
     validate(cfg, provenance)
@@ -195,7 +237,7 @@ def _coerce(value: Any, tp, key: str, provenance: dict) -> Any:
     """`value` as schema type `tp`, or a RecipeError naming who set `key` and what was expected."""
     def bad(expected: str = None):
         return RecipeError(
-            f"{blame(key, provenance)}: key '{key}' expects {expected or type_name(tp)}, got {value!r}"
+            f"{blame_item(key, provenance)}: key '{key}' expects {expected or type_name(tp)}, got {value!r}"
         )
 
     origin = typing.get_origin(tp)
@@ -262,9 +304,9 @@ def _build(cls, data: dict, prefix: str, provenance: dict):
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
-            raise RecipeError(f"{blame(dotted, provenance)}: unknown key '{dotted}'{hint}")
+            raise RecipeError(f"{blame_item(dotted, provenance)}: unknown key '{dotted}'{hint}")
         kwargs[key] = _coerce(value, hints[key], dotted, provenance)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field (no default) is missing
-        raise RecipeError(f"{blame(prefix.rstrip('.'), provenance)}: '{prefix.rstrip('.')}': {e}") from None
+        raise RecipeError(f"{blame_item(prefix.rstrip('.'), provenance)}: '{prefix.rstrip('.')}': {e}") from None

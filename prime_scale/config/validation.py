@@ -1,52 +1,134 @@
-"""Checks across keys that the schema's types cannot express, and the data-parallel degree.
+"""Checks that the schema's types cannot express: ranges, cross-key rules, the data-parallel degree.
 
 validate() runs on every loaded recipe before any work starts; resolve_dp() runs once the world
 size is known. Every failure is a RecipeError that names the key to change and, through the
 provenance dict, who set it: the file, or "command line". The checks run in a fixed order, so
-the first problem reported is always the same one.
+the first problem reported is always the same one: every key's own range first (so that no
+cross-key check divides by a zero or compares a nan), then the checks across keys.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from prime_scale.config.provenance import RecipeError, blame
-from prime_scale.config.schema import Config
+from prime_scale.config.schema import Config, schema_fields
 
 Fail = Callable[[str, str], None]  # fail(key, message) raises a RecipeError blaming key's origin
 
 
+def blame_item(key: str, provenance: dict) -> str:
+    """blame() that also sees through list indices: `optim.betas[0]` and `data.mixture[1].weight`
+    were set by whoever set the list. blame() walks up at the dots, from `data.mixture[1]` straight
+    to `data`, and so named the recipe file for a list given on the command line."""
+    return blame(re.sub(r"\[\d+\]", "", key), provenance)
+
+
+@dataclass(frozen=True)
+class Span:
+    """The allowed range of a number key. nan and ±inf are never in it (`nan <= 0` is False, which
+    is how optim.lr=.nan slipped through a plain `lr <= 0` test)."""
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = True
+    integer: bool = False
+    note: str = ""  # appended to the error: what the special values mean
+
+    def __contains__(self, x: float) -> bool:
+        return (math.isfinite(x) and (x > self.lo if self.lo_open else x >= self.lo)
+                and (x < self.hi if self.hi_open else x <= self.hi))
+
+    def __str__(self) -> str:
+        if self.integer:
+            if self.hi == math.inf:
+                return f"at least {self.lo:g}" if self.lo > 0 else "0 or more"
+            return f"in [{self.lo:g}, {self.hi - 1 if self.hi_open else self.hi:g}]"
+        if self.hi == math.inf:
+            return f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
+        return (f"a finite number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                f"{')' if self.hi_open else ']'}")
+
+
+def _count(lo: int, note: str = "") -> Span:
+    return Span(lo, integer=True, note=note)
+
+
+ONE_UP, ONLY_AT_END = _count(1), _count(0, "0 = only at the end")
+POSITIVE, NON_NEGATIVE, UNIT = Span(0.0, lo_open=True), Span(0.0), Span(0.0, 1.0)
+SEED_LIMIT = 2**32  # numpy takes seeds below 2**32; the model multiplies the seed into torch's int64
+
+# The allowed range of every int and float key of the schema, in no particular order (they are
+# checked in schema order); a test fails when a number key of the schema has no entry here.
+# optim.betas applies to each item; data.mixture[].weight to each entry's weight.
+RANGES: dict[str, Span] = {
+    "model.layers": ONE_UP, "model.hidden": ONE_UP, "model.heads": ONE_UP, "model.mlp_ratio": ONE_UP,
+    "model.dropout": UNIT, "model.vocab_size": _count(2, "null = from the data's manifest"),
+    "model.seq_len": ONE_UP, "model.ell": _count(1, "the token granularity; 1 = MDLM"),
+    # base <= 1 gives every rotary pair a frequency of at least 1 radian per token (base 1: all
+    # the same one), so positions alias; a negative base makes the tables nan
+    "model.rotary_base": Span(1.0, lo_open=True),
+    "model.norm_eps": POSITIVE,
+    "model.init_std": POSITIVE,  # 0: every weight equal, and nothing breaks the symmetry
+    "optim.lr": POSITIVE, "optim.betas": UNIT, "optim.eps": POSITIVE,
+    "optim.weight_decay": Span(0.0, note="0 disables weight decay"),
+    "optim.warmup_steps": _count(0, "0 = no warm-up"),
+    # the decay's floor as a fraction of lr: above 1 it raises the lr, below 0 it trains with a
+    # negative lr (gradient ascent)
+    "optim.min_lr_ratio": Span(0.0, 1.0, hi_open=False),
+    "optim.clip": Span(0.0, note="0 disables clipping"),
+    "optim.ema": Span(0.0, 1.0, note="0 disables EMA"),
+    "data.mixture[].weight": POSITIVE,
+    "data.num_workers": _count(0, "0 = load in the training process"), "data.shuffle_block": ONE_UP,
+    "parallel.tp": ONE_UP, "parallel.pp": ONE_UP, "parallel.dp": _count(0, "0 = auto"),
+    "parallel.zero_stage": Span(0, 3, hi_open=False, integer=True),
+    "train.steps": ONE_UP, "train.global_batch": ONE_UP, "train.micro_batch": ONE_UP,
+    "train.log_every": ONE_UP, "train.max_minutes": Span(0.0, note="0 = no limit"),
+    "eval.every": ONLY_AT_END, "eval.batches": ONE_UP, "eval.mc_samples": ONE_UP,
+    "checkpoint.every": ONLY_AT_END, "checkpoint.keep_last": ONE_UP,
+    "seed": Span(0, SEED_LIMIT, integer=True),
+}
+
+
 def validate(cfg: Config, provenance: Optional[dict] = None) -> None:
-    """Cross-key checks that a type system cannot express. Raises RecipeError naming the key."""
+    """Range and cross-key checks that a type system cannot express. Raises RecipeError naming the key."""
     provenance = provenance or {}
 
     def fail(key: str, msg: str):
-        raise RecipeError(f"{blame(key, provenance)}: key '{key}': {msg}")
+        raise RecipeError(f"{blame_item(key, provenance)}: key '{key}': {msg}")
 
-    for check in (_check_positive, _check_model, _check_parallel, _check_batches, _check_optim,
-                  _check_schedule_and_data):
+    for check in (_check_ranges, _check_model, _check_parallel, _check_batches, _check_data):
         check(cfg, fail)
 
 
-def _check_positive(cfg: Config, fail: Fail) -> None:
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    for key, value in [
-        ("model.layers", m.layers), ("model.hidden", m.hidden), ("model.heads", m.heads),
-        ("model.mlp_ratio", m.mlp_ratio), ("model.seq_len", m.seq_len), ("train.steps", t.steps),
-        ("train.global_batch", t.global_batch), ("train.micro_batch", t.micro_batch),
-        ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.log_every", t.log_every),
-        ("eval.batches", cfg.eval.batches), ("eval.mc_samples", cfg.eval.mc_samples),
-    ]:
-        if value < 1:
-            fail(key, f"must be at least 1, got {value}")
+def _out_of(span: Span, got) -> str:
+    return f"must be {span}, got {got}" + (f" ({span.note})" if span.note else "")
+
+
+def _check_ranges(cfg: Config, fail: Fail) -> None:
+    """Every number key against RANGES, in schema order. A key the schema lacks is skipped, so the
+    table may name a key before (or after) the schema has it."""
+    for f in schema_fields(items=False):
+        span, value = RANGES.get(f.key), cfg
+        for part in f.key.split("."):
+            value = getattr(value, part)
+        if f.key == "optim.betas":
+            if len(value) != 2 or not all(b in span for b in value):
+                fail(f.key, f"must be two numbers, each {span}, got {value}")
+        elif f.key == "data.mixture":
+            weight = RANGES["data.mixture[].weight"]
+            for i, entry in enumerate(value):
+                if entry.weight not in weight:
+                    fail(f"data.mixture[{i}].weight", _out_of(weight, entry.weight))
+        elif span is not None and value is not None and value not in span:
+            fail(f.key, _out_of(span, value))
 
 
 def _check_model(cfg: Config, fail: Fail) -> None:
     m = cfg.model
-    if m.ell < 1:
-        fail("model.ell", f"the token granularity must be at least 1, got {m.ell}")
-    if m.vocab_size is not None and m.vocab_size < 2:
-        fail("model.vocab_size", f"must be at least 2, got {m.vocab_size}")
     if m.hidden % m.ell:
         fail("model.ell", f"model.hidden={m.hidden} is not divisible by model.ell={m.ell} "
              "(each sub-token gets hidden/ell embedding dims)")
@@ -54,16 +136,10 @@ def _check_model(cfg: Config, fail: Fail) -> None:
         fail("model.heads", f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
     if (m.hidden // m.heads) % 2:
         fail("model.heads", f"head dim {m.hidden // m.heads} must be even for rotary positions")
-    if not 0.0 <= m.dropout < 1.0:
-        fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
 
 
 def _check_parallel(cfg: Config, fail: Fail) -> None:
     m, p = cfg.model, cfg.parallel
-    if p.dp < 0:
-        fail("parallel.dp", f"must be 0 (auto) or positive, got {p.dp}")
-    if p.zero_stage not in (0, 1, 2, 3):
-        fail("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.pp > 1 and p.zero_stage > 1:
         fail("parallel.zero_stage", f"pipeline parallelism (parallel.pp={p.pp}) runs DeepSpeed's pipeline "
              f"engine, which supports ZeRO stage 0 or 1 only; got {p.zero_stage}")
@@ -89,30 +165,9 @@ def _check_batches(cfg: Config, fail: Fail) -> None:
              f"parallel.dp = {t.micro_batch} × {p.dp}; change the batch sizes or set parallel.dp=0 (auto)")
 
 
-def _check_optim(cfg: Config, fail: Fail) -> None:
-    o = cfg.optim
-    if not 0.0 <= o.ema < 1.0:
-        fail("optim.ema", f"must be in [0, 1), got {o.ema}")
-    if o.lr <= 0:
-        fail("optim.lr", f"must be positive, got {o.lr}")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        fail("optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
-    if o.warmup_steps < 0:
-        fail("optim.warmup_steps", f"must be 0 or more, got {o.warmup_steps}")
-
-
-def _check_schedule_and_data(cfg: Config, fail: Fail) -> None:
-    if cfg.eval.every < 0 or cfg.checkpoint.every < 0:
-        fail("eval.every" if cfg.eval.every < 0 else "checkpoint.every", "must be 0 or more")
-    if cfg.checkpoint.keep_last < 1:
-        fail("checkpoint.keep_last", f"must be at least 1, got {cfg.checkpoint.keep_last}")
-    if cfg.data.shuffle_block < 1:
-        fail("data.shuffle_block", f"must be at least 1, got {cfg.data.shuffle_block}")
+def _check_data(cfg: Config, fail: Fail) -> None:
     if cfg.data.path is not None and cfg.data.mixture:
         fail("data.mixture", "give either data.path or data.mixture, not both")
-    for i, entry in enumerate(cfg.data.mixture):
-        if entry.weight <= 0:
-            fail(f"data.mixture[{i}].weight", f"must be positive, got {entry.weight}")
 
 
 def resolve_dp(cfg: Config, world_size: int) -> int:

@@ -10,7 +10,8 @@ Every sample is one fixed-length sequence of `seq_len` token ids (BOS + body + E
 documents by `prime-scale prep shard`). Each split may record `bytes` (the UTF-8 size of its text,
 null for pre-tokenized input) and `token_counts` (each id's occurrences over all positions of its
 sequences); manifests written before these existed lack them and stay valid (prime_scale/data/stats.py
-says what is then unknown).
+says what is then unknown). `files` lists every other file of the dataset with its size and sha256
+(prime_scale/data/integrity.py checks them); older manifests lack it and stay valid, unverified.
 """
 
 from __future__ import annotations
@@ -75,7 +76,21 @@ def validate_manifest(m: Any, where: str) -> dict:
             raise _fail(where, f"tokenizer.{key} is missing")
     if tok["kind"] == "sentencepiece" and not isinstance(tok.get("dir"), str):
         raise _fail(where, "tokenizer.dir (where the sentencepiece model lies) is missing")
+    if "files" in m:
+        _check_files(m["files"], where)
     return m
+
+
+def _check_files(files: Any, where: str) -> None:
+    """The optional list of the dataset's files with their sizes and content hashes (data/integrity.py)."""
+    redo = "the manifest is damaged; prepare the dataset again with `prime-scale prep shard`"
+    if not isinstance(files, list):
+        raise _fail(where, f"key 'files' must be a list of {{path, bytes, sha256}}: {redo}")
+    for i, e in enumerate(files):
+        ok = (isinstance(e, dict) and isinstance(e.get("path"), str) and _is_count(e.get("bytes"))
+              and isinstance(e.get("sha256"), str) and len(e["sha256"]) == 64)
+        if not ok:
+            raise _fail(where, f"files[{i}] must be {{path, bytes, sha256 (64 hex digits)}}, got {e!r}: {redo}")
 
 
 def _is_count(x: Any) -> bool:

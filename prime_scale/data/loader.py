@@ -10,7 +10,8 @@ datasets of a mixture): Prime noise is keyed on it. `position` is the row's plac
 (positions and the order are explained in order.py), counted before the padding of a held-out
 split wraps around; like the order it does not depend on the layout, so what is keyed on it (the
 trainer's time strata: position mod the global batch) does not either. Token ids are checked
-against the manifest's vocabulary as they are read (sources.py). The state is the next stream
+against the manifest's vocabulary as they are read, every shard's presence and size when the
+loader is built and its content hash when first opened (sources.py). The state is the next stream
 position, counted in samples for all ranks together; it does not depend on the layout, so a run
 may resume with another data-parallel world size or micro-batch. Ranks must advance in lockstep
 (one micro-batch each per micro-step), as training does.
@@ -56,23 +57,18 @@ def _dataset_identity(m: dict, split: str) -> str:
 class _MicroBatches(Dataset):
     """Map-style dataset whose item k is this rank's k-th micro-batch from `start`."""
 
-    def __init__(self, manifests, split, order, offsets, start, stop, dp_rank, dp_world, micro_batch):
-        self.manifests, self.split, self.order, self.offsets = manifests, split, order, offsets
+    def __init__(self, sources, order, offsets, start, stop, dp_rank, dp_world, micro_batch):
+        # the sources open their shard files on first read, so each worker opens its own
+        self.sources, self.order, self.offsets = sources, order, offsets
         self.start, self.stop = start, stop  # stop: end of the stream (None: endless)
         self.rank, self.world, self.B = dp_rank, dp_world, micro_batch
-        self._sources = None
-
-    def _open(self):
-        if self._sources is None:  # lazily, so each worker opens its own files
-            self._sources = [open_source(m, self.split) for m in self.manifests]
-        return self._sources
 
     def positions(self, k: int) -> np.ndarray:
         base = self.start + k * self.world * self.B + self.rank * self.B
         return np.arange(base, base + self.B, dtype=np.int64)
 
     def __getitem__(self, k: int) -> dict:
-        sources = self._open()
+        sources = self.sources
         pos = self.positions(k)
         valid = np.ones(self.B, dtype=bool)
         if self.stop is not None:
@@ -90,6 +86,16 @@ class _MicroBatches(Dataset):
 
 def _as_is(item):
     return item
+
+
+def _unwrapped(e: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker is re-raised here as "Caught UserError in DataLoader
+    worker process N. Original Traceback …"; the user's message is the traceback's last line."""
+    text = str(e)
+    if not text.startswith("Caught UserError"):
+        return e
+    _, marker, message = text.rstrip().rpartition("UserError: ")
+    return UserError(message) if marker else e
 
 
 class _Steps(Sampler):
@@ -127,8 +133,10 @@ class Loader:
         sizes = [split_info(m, split)["sequences"] for m in manifests]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])[:-1].astype(np.int64)
         self.num_samples = int(sum(sizes))
+        # built here, so a missing or truncated shard is named before the first step (sources.py)
+        self.sources = [open_source(m, split) for m in manifests]
         if self.repeat:
-            shard_sizes = [open_source(m, split).shard_sizes for m in manifests]
+            shard_sizes = [s.shard_sizes for s in self.sources]
             names = [manifest_path(m) for m in manifests]
             self.order = MixtureOrder(shard_sizes, weights, seed, shuffle, block, names)
             self.stop = None if epoch_limit is None else epoch_limit * self.order.samples_per_epoch
@@ -161,15 +169,18 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         steps = self._remaining_steps()
-        data = _MicroBatches(self.manifests, self.split, self.order, self.offsets, self.position, self.stop,
+        data = _MicroBatches(self.sources, self.order, self.offsets, self.position, self.stop,
                              self.dp_rank, self.dp_world, self.micro_batch)
         dl = DataLoader(data, batch_size=None, sampler=_Steps(steps), num_workers=self.num_workers,
                         collate_fn=_as_is, persistent_workers=False,
                         prefetch_factor=4 if self.num_workers else None)
         per_step = self.dp_world * self.micro_batch
-        for batch in dl:
-            self.position += per_step  # counted on delivery, never on prefetch
-            yield {key: torch.from_numpy(value) for key, value in batch.items()}
+        try:
+            for batch in dl:
+                self.position += per_step  # counted on delivery, never on prefetch
+                yield {key: torch.from_numpy(value) for key, value in batch.items()}
+        except UserError as e:  # a damaged shard found by a worker: its message, not a worker traceback
+            raise _unwrapped(e) from None
         if not self.repeat:
             self.position = 0  # the next pass over a held-out split starts from its beginning
 

@@ -23,6 +23,10 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://…, gs://…, dbfs:/Vo
 DOWNLOAD_TIMEOUT_S = 600.0
 
 
+class RemoteNotFound(UserError):
+    """The remote file does not exist (as opposed to a download that failed)."""
+
+
 def is_remote(path: str) -> bool:
     return bool(_URI.match(path))
 
@@ -54,7 +58,7 @@ def download(remote: str, dst: Path) -> None:
         source = remote[len("file://"):] if remote.startswith("file://") else remote
         CloudDownloader.direct_download(source, str(dst), timeout=DOWNLOAD_TIMEOUT_S)
     except FileNotFoundError:
-        raise UserError(f"{remote}: not found") from None
+        raise RemoteNotFound(f"{remote}: not found") from None
     except Exception as e:  # each cloud SDK raises its own types; name the file either way
         raise UserError(f"{remote}: download failed: {type(e).__name__}: {e}") from None
 

@@ -13,6 +13,11 @@ deep in the model.
 
 Shards of a remote dataset are downloaded into the local cache when first needed. Shard files are
 opened on first read, in the process that reads (each DataLoader worker opens its own).
+
+Damage is named before it can train (prime_scale/data/integrity.py): `open_source` checks that every
+shard of the split exists with its recorded size (stats only), a shard's content hash is checked
+when a process first opens it, and a read that fails anyway (a shard damaged meanwhile, or one of
+a manifest without hashes) names the shard and sample instead of failing inside a format library.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from prime_scale.data.format import TOKENS_FIELD, split_info
-from prime_scale.data.remote import fetch, is_remote
+from prime_scale.data.format import TOKENS_FIELD, manifest_path, split_info
+from prime_scale.data.integrity import RESTORE, damaged, hash_problem, recorded_files, size_problem
+from prime_scale.data.remote import RemoteNotFound, fetch, is_remote, remote_join
 from prime_scale.errors import UserError
+
+# bench/bench_data.py turns the token-id and hash checks off to measure what they cost; nothing else may
+CHECKS = True
 
 
 class Source:
@@ -42,6 +52,7 @@ class Source:
         self.seq_len, self.vocab_size = manifest["seq_len"], manifest["vocab_size"]
         self.dtype = np.dtype(manifest["dtype"])
         self.num_samples = split_info(manifest, split)["sequences"]
+        self.checks, self.files, self.manifest_file = CHECKS, recorded_files(manifest), manifest_path(manifest)
         self.shard_sizes = self._shard_sizes()
         if int(self.shard_sizes.sum()) != self.num_samples:
             raise UserError(f"{self.dir}/{split}: the shards hold {int(self.shard_sizes.sum())} samples but the "
@@ -57,15 +68,70 @@ class Source:
     def _read_in_shard(self, shard: int, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def stored(self, shard: int) -> tuple[str, Optional[int], str]:
+        """(the shard's file relative to the dataset directory, its recorded size or None, where it is recorded)."""
+        raise NotImplementedError
+
     def shard_file(self, shard: int) -> str:
         """The file of a shard, relative to the dataset directory."""
-        raise NotImplementedError
+        return self.stored(shard)[0]
 
     def _local(self, rel: str) -> Path:
         """Local path of a dataset file, downloading it first for a remote dataset."""
         if self.remote:
             return fetch(self.uri, rel, self.dir)
         return self.dir / rel
+
+    def presence_problems(self) -> list[tuple[Path, str]]:
+        """(path, what is wrong) for each shard that is missing or not of its recorded size: one stat
+        each. Of a remote dataset only the local cache is looked at (nothing is downloaded); a cached
+        copy of the wrong size is removed, to be downloaded again when it is read."""
+        out = []
+        for shard in range(len(self.shard_sizes)):
+            rel, size, where = self.stored(shard)
+            path = self.dir / rel
+            if self.files is not None and rel not in self.files:
+                out.append((path, f"{self.manifest_file} records no size and hash for it: the manifest does not "
+                                  "describe these shards"))
+            elif self.remote:
+                if size is not None and path.exists() and size_problem(path, size, where):
+                    path.unlink(missing_ok=True)
+            elif problem := size_problem(path, size, where):
+                out.append((path, problem))
+        return out
+
+    def check_present(self) -> None:
+        problems = self.presence_problems()
+        if problems:
+            path, problem = problems[0]
+            more = (f" (and {len(problems) - 1} more damaged shard file(s): `prime-scale prep inspect --verify "
+                    f"{self.uri}` lists them)") if len(problems) > 1 else ""
+            raise UserError(f"{path}: {problem}; {RESTORE}{more}")
+
+    def _verified(self, rel: str, noun: str = "shard") -> Path:
+        """Local path of a dataset file (downloaded first when remote), its content checked against the
+        manifest's hash the first time this process opens it."""
+        try:
+            path = self._local(rel)
+        except RemoteNotFound as e:
+            raise UserError(f"{e}: the manifest lists this file; restore it there, or prepare the dataset again and "
+                            "upload it") from None
+        entry = self.files.get(rel) if self.checks and self.files else None
+        problem = entry and hash_problem(path, entry, noun)
+        if problem and self.remote:  # a damaged copy in the cache: download it once more
+            path.unlink(missing_ok=True)
+            path = self._local(rel)
+            if problem := hash_problem(path, entry, noun):
+                raise UserError(f"{remote_join(self.uri, rel)}: {problem} (downloaded twice): restore the remote "
+                                "copy, or prepare the dataset again and upload it")
+        if problem:
+            raise damaged(path, problem)
+        return path
+
+    def _unreadable(self, shard: int, row: int, e: Exception) -> UserError:
+        sample = int(self.shard_starts[shard]) + row
+        return damaged(self.dir / self.shard_file(shard),
+                       f"cannot read sample {sample} ({type(e).__name__}: {e}): the shard is damaged")
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -76,7 +142,7 @@ class Source:
         for s in np.unique(shards):
             where = np.nonzero(shards == s)[0]
             block = self._read_in_shard(int(s), ids[where] - self.shard_starts[s])
-            if block.size and block.max() >= self.vocab_size:
+            if self.checks and block.size and block.max() >= self.vocab_size:
                 self._refuse_ids(int(s), ids[where], block)
             out[where] = block
         return out
@@ -87,8 +153,9 @@ class Source:
         bad = int(block[row][block[row] >= V][0])
         raise UserError(f"{self.uri}, split {self.split}: sample {int(ids[row])} in shard "
                         f"{self.uri}/{self.shard_file(shard)} holds token id {bad}, but the manifest's vocab_size is "
-                        f"{V}: the shards do not match the manifest's vocabulary; prepare the dataset again with "
-                        "`prime-scale prep shard` (or restore the manifest written with these shards)")
+                        f"{V}: the shard is damaged, or the shards do not match the manifest's vocabulary; restore the shard, "
+                        "or prepare the dataset again with `prime-scale prep shard` (or restore the manifest "
+                        "written with these shards); `prime-scale prep inspect --verify` checks every shard")
 
     def __getstate__(self):  # open handles stay in the process that opened them
         state = dict(self.__dict__)
@@ -98,17 +165,18 @@ class Source:
 
 class MDSSource(Source):
     def _shard_sizes(self) -> np.ndarray:
-        index = self._local(f"{self.split}/index.json")
+        index = self._verified(f"{self.split}/index.json", "index")
         try:
             self._index = json.loads(index.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{index}: cannot read the MDS index ({e})") from None
+            raise UserError(f"{index}: cannot read the MDS index ({e}); {RESTORE}") from None
         self._open: dict = {}
         return np.array([s["samples"] for s in self._index["shards"]], dtype=np.int64)
 
-    def shard_file(self, shard: int) -> str:
+    def stored(self, shard: int) -> tuple[str, Optional[int], str]:
         info = self._index["shards"][shard]
-        return f"{self.split}/{(info.get('zip_data') or info['raw_data'])['basename']}"  # the stored file
+        data = info.get("zip_data") or info["raw_data"]  # the file as prepared: compressed, if it is
+        return f"{self.split}/{data['basename']}", data.get("bytes"), str(self.dir / self.split / "index.json")
 
     def _reader(self, shard: int):
         reader = self._open.get(shard)
@@ -121,24 +189,25 @@ class MDSSource(Source):
             info = self._index["shards"][shard]
             if info.get("format") != "mds":
                 raise UserError(f"{self.dir}/{self.split}/index.json: shard {shard} is {info.get('format')!r}, not mds")
+            path = self._verified(self.shard_file(shard))
+            if info.get("zip_data"):
+                self._ensure_raw(info, path)
             reader = reader_from_json(str(self.dir), self.split, info)
-            self._ensure_raw(info)
             self._open[shard] = reader
         return reader
 
-    def _ensure_raw(self, info: dict) -> None:
+    def _ensure_raw(self, info: dict, zipped: Path) -> None:
+        """The decompressed copy that streaming's reader reads, made from the (verified) compressed
+        shard beside it; a copy not of the size the index records is made again."""
         raw = self.dir / self.split / info["raw_data"]["basename"]
-        if raw.exists():
+        if raw.exists() and raw.stat().st_size == info["raw_data"]["bytes"]:
             return
-        if self.remote and not info.get("zip_data"):
-            self._local(f"{self.split}/{info['raw_data']['basename']}")
-            return
-        if not info.get("zip_data"):
-            raise UserError(f"{raw}: shard file missing: the dataset is damaged; prepare it again")
         from streaming.base.compression import decompress
 
-        zipped = self._local(f"{self.split}/{info['zip_data']['basename']}")
-        data = decompress(info["compression"], zipped.read_bytes())
+        try:
+            data = decompress(info["compression"], zipped.read_bytes())
+        except Exception as e:  # each codec raises its own types; a shard that does not decompress is damaged
+            raise damaged(zipped, f"cannot decompress the shard ({type(e).__name__}: {e})") from None
         tmp = raw.with_name(f".{raw.name}.tmp-{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, raw)
@@ -147,7 +216,10 @@ class MDSSource(Source):
         reader = self._reader(shard)
         out = np.empty((rows.size, self.seq_len), dtype=self.dtype)
         for j, r in enumerate(rows):
-            out[j] = reader.get_item(int(r))[TOKENS_FIELD]
+            try:  # free unless raised: a shard damaged after it was verified, or never verified
+                out[j] = reader.get_item(int(r))[TOKENS_FIELD]
+            except (OSError, ValueError, IndexError) as e:
+                raise self._unreadable(shard, int(r), e) from None
         return out
 
 
@@ -157,23 +229,24 @@ class WDSSource(Source):
         self._open: dict = {}
         return np.array([s["samples"] for s in self._shards], dtype=np.int64)
 
-    def shard_file(self, shard: int) -> str:
-        return f"{self.split}/{self._shards[shard]['file']}"
+    def stored(self, shard: int) -> tuple[str, Optional[int], str]:
+        rel = f"{self.split}/{self._shards[shard]['file']}"
+        entry = (self.files or {}).get(rel)  # sizes of tar shards are recorded only in `files`
+        return rel, None if entry is None else entry["bytes"], self.manifest_file
 
     def _index_shard(self, shard: int):
         entry = self._open.get(shard)
         if entry is None:
             info = self._shards[shard]
-            path = self._local(f"{self.split}/{info['file']}")
+            path = self._verified(self.shard_file(shard))
             suffix = f".{TOKENS_FIELD}.npy"
             try:
                 with tarfile.open(path, mode="r:") as tf:  # uncompressed only: offsets must be seekable
                     members = [(m.offset_data, m.size) for m in tf if m.isfile() and m.name.endswith(suffix)]
             except (OSError, tarfile.TarError) as e:
-                raise UserError(f"{path}: not a readable uncompressed tar shard ({e})") from None
+                raise damaged(path, f"not a readable uncompressed tar shard ({e})") from None
             if len(members) != info["samples"]:
-                raise UserError(f"{path}: holds {len(members)} samples, the manifest says {info['samples']}: "
-                                "the dataset is damaged; prepare it again")
+                raise damaged(path, f"holds {len(members)} samples, the manifest says {info['samples']}")
             entry = (os.open(path, os.O_RDONLY), np.array(members, dtype=np.int64).reshape(-1, 2))
             self._open[shard] = entry
         return entry
@@ -183,7 +256,10 @@ class WDSSource(Source):
         out = np.empty((rows.size, self.seq_len), dtype=self.dtype)
         for j, r in enumerate(rows):
             offset, size = members[r]
-            out[j] = np.load(io.BytesIO(os.pread(fd, int(size), int(offset))), allow_pickle=False)
+            try:  # free unless raised: a shard damaged after it was verified, or never verified
+                out[j] = np.load(io.BytesIO(os.pread(fd, int(size), int(offset))), allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise self._unreadable(shard, int(r), e) from None
         return out
 
     def __del__(self):
@@ -194,7 +270,11 @@ class WDSSource(Source):
                 pass
 
 
-def open_source(manifest: dict, split: str) -> Source:
+def open_source(manifest: dict, split: str, check: bool = True) -> Source:
+    """The source of a split; with `check`, a missing or short shard is an error here, before any read."""
     cls = MDSSource if manifest["format"] == "mds" else WDSSource
-    return cls(manifest, split)
+    source = cls(manifest, split)
+    if check:
+        source.check_present()
+    return source
 

@@ -34,6 +34,7 @@ from prime_scale.checkpoint.layout import Coords
 from prime_scale.checkpoint.store import EMA_DIR, EMA_PER_RANK, ema_file
 from prime_scale.errors import UserError
 from prime_scale.export import shards
+from prime_scale.export.untrusted import read_header
 
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 OSD = "optimizer_state_dict"
@@ -136,6 +137,7 @@ class _Mapped:
         if path not in self.cache:
             from safetensors import safe_open
 
+            read_header(path, remedy=safe_load.RESTORE)  # the library's own errors name no file
             self.cache[path] = safe_open(str(path), framework="pt", device="cpu")
         return self.cache[path]
 

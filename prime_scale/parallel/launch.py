@@ -7,14 +7,21 @@ checks a launch before any heavy import.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import sys
+import threading
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from prime_scale.errors import UserError
 
+# set by launch_local for its ranks: the launcher's pid, so that each rank dies with it
+LAUNCHER_ENV = "PRIME_SCALE_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LAUNCH_HELP = ("start several processes with `torchrun --nproc-per-node N -m prime_scale.cli.train ...`, "
                "`deepspeed --num_gpus N --module prime_scale.cli.train ...` or `prime-scale train --nproc N`")
 
@@ -100,22 +107,25 @@ def check_nproc(nproc: int) -> None:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
 
 
-def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Mapping[str, str]] = None) -> int:
+def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Mapping[str, str]] = None,
+                 pass_fds: Sequence[int] = ()) -> int:
     """Run `python -m module argv` as N ranks on this machine (the variables torchrun would set)
     and wait for them. If a rank fails the others are stopped. User errors of the ranks are printed
     once (each distinct message), with the exit code USER_ERROR; any other failure gives
-    INTERNAL_ERROR, the ranks' tracebacks being on the console already."""
-    import signal
+    INTERNAL_ERROR, the ranks' tracebacks being on the console already. The ranks die with the
+    launcher (die_with_launcher); SIGTERM / SIGUSR1 to the launcher are passed on to them, and it
+    waits for them. `pass_fds`: open files the ranks inherit (the run directory's lock)."""
     import subprocess
     import sys
     import tempfile
     import time
 
-    from prime_scale.errors import ERROR_DIR_ENV, INTERNAL_ERROR, INTERRUPTED, USER_ERROR
+    from prime_scale.errors import ERROR_DIR_ENV, INTERNAL_ERROR, INTERRUPTED, PREEMPTED, USER_ERROR
 
     check_nproc(nproc)
     base = dict(os.environ if environ is None else environ)
     base.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))
+    base[LAUNCHER_ENV] = str(os.getpid())
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="prime-scale-launch-") as errors:
         procs = []
@@ -123,25 +133,92 @@ def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Map
             env = dict(base, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             env[ERROR_DIR_ENV] = errors
-            procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env, pass_fds=tuple(pass_fds)))
         try:
-            codes = _wait_all(procs, time)
+            with _forwarding_stop_signals(procs):
+                codes = _wait_all(procs, time)
         except KeyboardInterrupt:
             for p in procs:
                 p.send_signal(signal.SIGINT)
-            for p in procs:
-                p.wait()
-            return INTERRUPTED
+            codes = [p.wait() for p in procs]
+            # ranks that saved on the Ctrl-C and stopped report it as such
+            return PREEMPTED if all(c in (0, PREEMPTED) for c in codes) else INTERRUPTED
         messages = sorted({f.read_text().strip() for f in Path(errors).iterdir()})
     for line in messages:
         print(line, file=sys.stderr)
     if all(c == 0 for c in codes):
         return 0
+    if all(c in (0, PREEMPTED) for c in codes):  # stopped on request, after a checkpoint
+        return PREEMPTED
     if messages and all(c in (0, USER_ERROR) or c < 0 for c in codes):
         return USER_ERROR
     bad = {r: c for r, c in enumerate(codes) if c != 0}
     print(f"prime-scale train: rank(s) {sorted(bad)} failed (exit codes {bad})", file=sys.stderr)
     return INTERNAL_ERROR
+
+
+@contextlib.contextmanager
+def _forwarding_stop_signals(procs):
+    """While the ranks run, a polite stop of the launcher (SIGTERM, SIGUSR1: a scheduler, `kill`)
+    goes to the ranks, which save and exit, instead of killing the launcher (and with it the ranks,
+    unsaved). Signal handlers can only be set from the main thread; elsewhere nothing is forwarded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    stops = (signal.SIGTERM, signal.SIGUSR1)
+    previous = {s: signal.signal(s, forward) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def die_with_launcher(environ=None) -> None:
+    """First thing in a rank that launch_local started: the rank gets SIGKILL as soon as its
+    launcher dies (kill -9, a crash, the OOM killer), instead of training on unsupervised.
+
+    SIGKILL rather than SIGTERM: a dead launcher is a hard stop (a polite one reaches the ranks as
+    a forwarded SIGTERM while the launcher lives), all ranks then stop at once instead of one
+    waiting in a collective for another, and checkpoints are published atomically, so the newest
+    complete one is intact for --resume auto. Linux: prctl(PR_SET_PDEATHSIG); elsewhere a thread
+    that polls the parent pid every 0.5 s."""
+    environ = os.environ if environ is None else environ
+    raw = environ.pop(LAUNCHER_ENV, None)  # the rank's own subprocesses have another parent
+    if not raw:
+        return
+    launcher = int(raw)
+    if not _parent_death_signal(signal.SIGKILL):
+        threading.Thread(target=_watch_parent, args=(launcher,), name="die-with-launcher", daemon=True).start()
+    if os.getppid() != launcher:  # the launcher died before the kernel was told
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parent_death_signal(signum: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                          ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(launcher: int, interval_s: float = 0.5) -> None:
+    import time
+
+    while os.getppid() == launcher:
+        time.sleep(interval_s)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _wait_all(procs, time, grace_s: float = 10.0) -> list[int]:

@@ -1,0 +1,196 @@
+"""Fault injection on real `prime-scale train` runs (tiny model, one process): preemption signals and
+the time budget save a checkpoint and exit 3, and resuming is bitwise equal to never stopping;
+damaged checkpoints (an overwrite that keeps the size, a truncation, all of them) are named, skipped
+with a warning, or refused — never loaded, never deleted; a full disk (a 3 MB tmpfs) is a named error
+that leaves the previous checkpoint and no partial save, and resume works once space is freed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.seq_len=32", "model.dropout=0.1",
+        "train.global_batch=4", "train.micro_batch=2", "optim.warmup_steps=2", "optim.schedule=constant",
+        "optim.ema=0.9", "eval.every=0", "eval.batches=1", "logging.wandb=disabled", "data.num_workers=0",
+        "train.log_every=1", "checkpoint.keep_last=3"]
+STEPS = 30
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+
+
+def _train(run: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "prime_scale.cli", "train", "tiny-cpu", *TINY, f"run.dir={run}",
+                             "--samples", "0", *extra], env=_env(), cwd=run.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _done(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def _cli(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+    p = subprocess.run([sys.executable, "-m", "prime_scale.cli", *args], env=_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _losses(run: Path) -> list:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def _wait_for_step(run: Path, step: int, p: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {p.stderr.read()[-3000:]}")
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of STEPS steps, checkpoints every 10."""
+    run = tmp_path_factory.mktemp("faults") / "reference"
+    rc, out, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10"))
+    assert rc == 0, err[-3000:]
+    return run
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_stop_signal_saves_and_the_resumed_run_is_bitwise_equal(reference, tmp_path, sig):
+    run = tmp_path / "run"
+    p = _train(run, f"train.steps={STEPS}", "checkpoint.every=10")
+    _wait_for_step(run, 3, p)
+    p.send_signal(getattr(signal, sig))
+    rc, out, err = _done(p)
+    assert rc == 3, (rc, err[-3000:])
+    assert f"{sig} received" in out and "stopped early at step" in out
+    stopped = max(step for step, _, _ in _losses(run))
+    assert stopped < STEPS and (run / "checkpoints" / f"step_{stopped}").is_dir()
+    rc, out, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10", "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped}'}" in out
+    assert _losses(run) == _losses(reference)  # every loss and gradient norm, bit for bit
+
+
+def test_the_time_budget_ends_the_run_with_a_checkpoint(reference, tmp_path):
+    run = tmp_path / "run"
+    rc, out, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10", "train.max_minutes=0.0001"))
+    assert rc == 3, err[-3000:]
+    assert "train.max_minutes=0.0001 reached" in out and (run / "checkpoints" / "step_1").is_dir()
+    rc, _, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10", "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert _losses(run) == _losses(reference)
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+
+def _copy(reference: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    return run
+
+
+def _optimizer_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*optim_states.pt")), key=lambda p: p.stat().st_size)
+
+
+def test_an_overwrite_that_keeps_the_size_is_named_and_skipped(reference, tmp_path):
+    run = _copy(reference, tmp_path)
+    victim = _optimizer_file(run / "checkpoints" / f"step_{STEPS}")
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.seek(size // 2)
+        f.write(os.urandom(1024))
+    assert victim.stat().st_size == size
+    rc, out, _ = _cli("checkpoint", "verify", str(run))
+    assert rc == 2 and f"DAMAGED  {run / 'checkpoints' / f'step_{STEPS}'}" in out and victim.name in out
+    assert f"ok       {run / 'checkpoints' / 'step_20'}" in out
+    rc, _, err = _cli("eval", str(run / "checkpoints" / f"step_{STEPS}"), "--max-batches", "1")
+    assert rc == 2 and "is damaged" in err and victim.name in err and "Traceback" not in err
+    rc, out, err = _done(_train(run, f"train.steps={STEPS + 2}", "checkpoint.every=10", "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert f"skipping damaged checkpoint(s) step_{STEPS}" in out and "resumed from" in out and "step_20" in out
+    # the damaged checkpoint was neither loaded nor deleted: the re-save of its step set it aside
+    aside = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(f"step_{STEPS}.damaged-")]
+    assert len(aside) == 1 and (run / "checkpoints" / f"step_{STEPS}").is_dir()
+    assert _losses(run)[:STEPS] == _losses(reference)  # steps 21..30 redone, exactly as before
+
+
+def test_a_truncated_newest_checkpoint_falls_back_with_a_warning(reference, tmp_path):
+    run = _copy(reference, tmp_path)
+    victim = _optimizer_file(run / "checkpoints" / f"step_{STEPS}")
+    os.truncate(victim, victim.stat().st_size // 2)
+    rc, out, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10", "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert f"skipping damaged checkpoint(s) step_{STEPS}" in out and "truncated" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_20'}" in out
+    assert _losses(run) == _losses(reference)
+
+
+def test_when_every_checkpoint_is_damaged_the_run_is_refused_and_nothing_is_touched(reference, tmp_path):
+    run = _copy(reference, tmp_path)
+    folders = sorted((run / "checkpoints").glob("step_*"))
+    for folder in folders:
+        victim = _optimizer_file(folder)
+        os.truncate(victim, 100)
+    before = {str(p): p.stat().st_size for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    rc, _, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10", "--resume", "auto"))
+    assert rc == 2 and "none is intact" in err and "nothing was deleted" in err.lower()
+    rc, _, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10"))  # a new run: refused too
+    assert rc == 2 and "holds checkpoints of an earlier run" in err
+    after = {str(p): p.stat().st_size for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (this suite runs as root on CI); the test frees space by growing it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, f"this test needs root to mount a tmpfs: {proc.stderr}"
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_named_leaves_the_previous_checkpoint_and_resume_works_after(reference, tmp_path,
+                                                                                    small_disk):
+    run = small_disk / "run"
+    rc, out, err = _done(_train(run, "train.steps=4", "checkpoint.every=2"))
+    assert rc == 2, (rc, err[-3000:])
+    assert "no space left on the device while saving checkpoint step" in err and "Traceback" not in err
+    ckpts = run / "checkpoints"
+    intact = [p.name for p in ckpts.iterdir() if p.name.startswith("step_") and ".tmp-" not in p.name]
+    assert not [p for p in ckpts.iterdir() if ".tmp-" in p.name]  # the partial save was removed
+    if intact:
+        assert f"the previous checkpoint {max(intact)} is intact" in err
+        assert _cli("checkpoint", "verify", str(run))[0] == 0
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    rc, out, err = _done(_train(run, "train.steps=4", "checkpoint.every=2", "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert _cli("checkpoint", "verify", str(run))[0] == 0

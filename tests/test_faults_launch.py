@@ -1,0 +1,184 @@
+"""Faults around launching (issue 10, items 3 and 4), with real `prime-scale train` runs of a tiny
+model: a second training in a run directory whose first run is alive is refused (exit 2, naming the
+holder) and leaves the first run's files alone; a run killed with kill -9 leaves no stale lock; under
+`--nproc 2` the launcher holds the lock for its ranks, and kill -9 of the launcher takes its ranks
+with it, so that no checkpoint is written unsupervised."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prime_scale.checkpoint.catalog import find_latest_complete, list_step_dirs
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.seq_len=32", "train.global_batch=4",
+        "train.micro_batch=2", "train.log_every=1", "logging.wandb=disabled", "eval.every=0", "eval.batches=1",
+        "eval.mc_samples=1", "data.num_workers=0", "checkpoint.keep_last=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _demo_corpus():
+    # built once here, before runs would queue on its lock (PRIME_SCALE_DEMO_DIR: tests/conftest.py)
+    from data_prep.demo import ensure_demo_corpus
+
+    ensure_demo_corpus(seq_len=32)
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _command(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "prime_scale.cli", "train", *TINY, f"run.dir={run}", "--samples", "0", *extra]
+
+
+def _start(run: Path, *extra: str) -> subprocess.Popen:
+    # output to a file, not a pipe nobody reads: a full pipe would stall the run
+    log = open(run.parent / f"{run.name}-{time.monotonic_ns()}.log", "w")
+    proc = subprocess.Popen(_command(run, *extra), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc.log = Path(log.name)
+    return proc
+
+
+def _refused(run: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(run, *extra), env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def _wait_for(what, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not what():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) first:\n{proc.log.read_text()[-3000:]}")
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting:\n{proc.log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def _newest(run: Path) -> int:
+    """The step of the newest published checkpoint (0: none yet)."""
+    return max((step for step, _ in list_step_dirs(run / "checkpoints")), default=0)
+
+
+def _proc_stat(pid: int):
+    """(state, ppid) of a process, or None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    state, ppid = text.rpartition(")")[2].split()[:2]
+    return state, int(ppid)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[1] == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie is dead, only not reaped yet
+
+
+def _assert_refused(result: subprocess.CompletedProcess, holder_pid: int, key: str = "run.dir") -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    err = result.stderr
+    assert "in use by another training" in err and f"pid {holder_pid}" in err and socket.gethostname() in err, err
+    assert f"another {key}" in err and "Traceback" not in err, err
+
+
+def test_a_second_training_in_a_busy_run_directory_is_refused(tmp_path):
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"  # a checkpoint.dir outside run.dir is locked too
+    first = _start(run, "train.steps=40", "checkpoint.every=20", f"checkpoint.dir={ckpt}")
+    try:
+        _wait_for(lambda: len(_records(run)) >= 1, first)
+        # paused, so that it is surely alive during the refusals however fast it trains: a stopped
+        # holder holds its lock all the same
+        os.kill(first.pid, signal.SIGSTOP)
+        recipe, metrics = (run / "recipe.yaml").read_bytes(), (run / "metrics.jsonl").stat().st_ino
+        _assert_refused(_refused(run, "train.steps=40", "seed=1"), first.pid)  # a new run
+        _assert_refused(_refused(run, "train.steps=40", "--resume", "auto"), first.pid)
+        _assert_refused(_refused(tmp_path / "other", f"checkpoint.dir={ckpt}", "--resume", "auto"), first.pid,
+                        "checkpoint.dir")
+        # under torchrun, rank 0 is refused (exit 2) and torchrun stops the other rank
+        rank_argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                     "prime_scale.cli.train", *TINY, f"run.dir={run}", "--resume", "auto"]
+        torchrun = subprocess.run(rank_argv, env=_env(), capture_output=True, text=True, timeout=120)
+        assert torchrun.returncode != 0 and f"pid {first.pid}" in torchrun.stderr, torchrun.stderr[-3000:]
+        assert "exitcode  : 2" in torchrun.stderr, torchrun.stderr[-3000:]
+        assert first.poll() is None
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=180) == 0, first.log.read_text()[-3000:]
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.kill()
+    assert (run / "recipe.yaml").read_bytes() == recipe
+    assert sorted(p.name for p in run.glob("metrics*")) == ["metrics.jsonl"]  # nothing moved aside
+    assert (run / "metrics.jsonl").stat().st_ino == metrics
+    assert [r["step"] for r in _records(run)] == list(range(1, 41))
+    assert [p.name for _, p in list_step_dirs(ckpt)] == ["step_20", "step_40"]
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    run = tmp_path / "run"
+    first = _start(run, "train.steps=5000", "checkpoint.every=5")
+    try:
+        _wait_for(lambda: find_latest_complete(run / "checkpoints") is not None, first)
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    step = int(find_latest_complete(run / "checkpoints").name.split("_")[1])
+    second = _start(run, f"train.steps={step + 2}", "checkpoint.every=5", "--resume", "auto")
+    assert second.wait(timeout=180) == 0, second.log.read_text()[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{step}'}" in second.log.read_text()
+
+
+def test_the_nproc_launcher_holds_the_lock_and_its_ranks_die_with_it(tmp_path):
+    run = tmp_path / "run"
+    launcher = _start(run, "train.steps=5000", "checkpoint.every=10", "--nproc", "2")
+    ranks = []
+    try:
+        _wait_for(lambda: len(_records(run)) >= 1, launcher)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2
+        _assert_refused(_refused(run, "train.steps=50", "--nproc", "2"), launcher.pid)
+        # the ranks train on under their launcher's lock; kill it right after a save, 10 steps
+        # before the next one would be due
+        seen = _newest(run)
+        _wait_for(lambda: _newest(run) > seen, launcher)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        at_kill = _newest(run)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in ranks), "the ranks outlived their launcher"
+        steps = len(_records(run))
+        time.sleep(2)
+        assert _newest(run) == at_kill and len(_records(run)) == steps  # nothing trained on
+    finally:
+        launcher.kill()
+        for pid in ranks:  # orphans if the launcher did not take them along
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait()
