@@ -18,6 +18,7 @@ ParallelState the engine is handed.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -92,6 +93,7 @@ class _SequenceSums:
 class StepResult:
     loss: float  # the training objective, mean over the global batch
     grad_norm: Optional[float]  # before clipping
+    skipped: bool  # the update was dropped (a non-finite gradient norm)
     lr: float  # the learning rate this step used
 
 
@@ -139,7 +141,7 @@ class Engine:
         self.module = module
         self._norm: Optional[float] = None
         if self._own_clipping:
-            self.ds.optimizer.register_step_pre_hook(self._clip_before_step)
+            self.ds.optimizer.step = self._guarded_step(self.ds.optimizer)
         self.ema = WeightEMA(module, cfg.optim.ema) if cfg.optim.ema > 0 else None
 
     # ---- gradient norm for fp32 without ZeRO
@@ -149,6 +151,22 @@ class Engine:
         """fp32 without ZeRO: DeepSpeed clips but keeps no norm, and in a pipeline it counts
         replicated parameters of later stages nowhere. We measure and clip ourselves there."""
         return self.cfg.parallel.zero_stage == 0 and self.cfg.precision == "fp32"
+
+    def _guarded_step(self, optimizer):
+        """The optimizer's step behind our norm and clipping; a step whose norm is not finite is
+        dropped, as DeepSpeed's ZeRO optimizers drop it: `overflow` tells DeepSpeed's engine to count
+        it in skipped_steps and to hold the LR schedule."""
+        step = optimizer.step
+
+        def guarded(*args, **kwargs):
+            self._clip_before_step(optimizer)
+            optimizer.overflow = not math.isfinite(self._norm)
+            if optimizer.overflow:
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            return step(*args, **kwargs)
+
+        return guarded
 
     @torch.no_grad()
     def _clip_before_step(self, optimizer, *_):
@@ -186,6 +204,7 @@ class Engine:
             raise ValueError(f"train_step needs {self.gas} micro-batches (gradient accumulation), got {len(micro_batches)}")
         lr = self.current_lr()
         device = self.state.device
+        skipped_before = int(self.ds.skipped_steps)
         if self.pipeline:
             data = iter([(b.yt, b.labels()) for b in (m.to(device) for m in micro_batches)])
             loss = float(self.ds.train_batch(data_iter=data))
@@ -205,10 +224,11 @@ class Engine:
                 dist.all_reduce(total, group=self.state.dp_group)
                 total /= self.state.dp
             loss = float(total)
-        if self.ema is not None:
+        skipped = int(self.ds.skipped_steps) > skipped_before
+        if self.ema is not None and not skipped:  # a dropped update leaves every weight as it was
             self.ema.update()
         norm = self._norm if self._own_clipping else self.ds.get_global_grad_norm()
-        return StepResult(loss=loss, grad_norm=None if norm is None else float(norm), lr=lr)
+        return StepResult(loss=loss, grad_norm=None if norm is None else float(norm), lr=lr, skipped=skipped)
 
     # ---- evaluation
 

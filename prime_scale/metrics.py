@@ -98,7 +98,7 @@ def print_progress(cfg: Config, r: dict) -> None:
     if "loss" in r:
         eta = (cfg.train.steps - r["step"]) * r["step_time_s"]
         gnorm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
-        print(f"step {r['step']:>{len(str(cfg.train.steps))}}/{cfg.train.steps} | loss {r['loss']:.4f} | "
+        print(f"step {r['step']:>{len(str(cfg.train.steps))}}/{cfg.train.steps} | loss {_num(r['loss'], '{:.4f}')} | "
               f"lr {r['lr']:.2e} | grad norm {gnorm} | {r['tokens_per_s']:,.0f} tok/s | "
               f"{r['step_time_s']:.3f} s/step | ETA {fmt_duration(eta)}", flush=True)
     if "val_nll_bound" in r:
@@ -154,7 +154,7 @@ def plot_losses(cfg: Config, run_dir: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_nll_bound"]) for r in records if "val_nll_bound" in r]
     if not train:
         return None

@@ -57,6 +57,8 @@ class TrainState:
     tokens_seen: int = 0
     samples_seen: int = 0
     train_time_s: float = 0.0
+    skipped_steps: int = 0  # steps whose update was dropped (train.on_nonfinite=skip)
+    consecutive_skips: int = 0
     last_val: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
@@ -210,7 +212,7 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         train_iter = iter(self.train_loader)
         self._started = time.monotonic()
-        window_time, window_steps, window_loss, window_norms = 0.0, 0, 0.0, []
+        window_time, window_steps, window_loss, window_norms = 0.0, 0, [], []
         while self.state.step < cfg.train.steps:
             step = self.state.step
             batches = self.micro_batches(train_iter, step)
@@ -223,21 +225,22 @@ class Trainer:
             self.state.train_time_s += dt
             window_time += dt
             window_steps += 1
-            window_loss += result.loss
-            if result.grad_norm is not None:
-                window_norms.append(result.grad_norm)
             done = self.state.step
             last = done == cfg.train.steps
             record = None
-            self._check_finite(done, result)
+            if self._check_finite(done, result):
+                window_loss.append(result.loss)
+                if result.grad_norm is not None:
+                    window_norms.append(result.grad_norm)
             if done % cfg.train.log_every == 0 or last or done == 1:
                 # means over the steps since the last line: one step's Prime loss is noisy (its t)
                 step_time = window_time / window_steps
-                record = {"step": done, "loss": window_loss / window_steps, "lr": result.lr,
+                record = {"step": done, "loss": sum(window_loss) / len(window_loss) if window_loss else None,
+                          "lr": result.lr, "skipped_steps": self.state.skipped_steps,
                           "grad_norm": sum(window_norms) / len(window_norms) if window_norms else None,
                           "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                           "tokens_seen": self.state.tokens_seen}
-                window_time, window_steps, window_loss, window_norms = 0.0, 0, 0.0, []
+                window_time, window_steps, window_loss, window_norms = 0.0, 0, [], []
             if self.val_loader is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or last):
                 with _rng_untouched():  # validating must not change the training that follows
                     val = self.validate()
@@ -250,18 +253,32 @@ class Trainer:
             if self.stop_reason:
                 break
 
-    def _check_finite(self, step: int, result) -> None:
-        """A non-finite loss or gradient norm ends the run with a named error; nothing is saved after
-        it (the newest checkpoint holds the last good weights)."""
+    def _check_finite(self, step: int, result) -> bool:
+        """True for a step with a finite loss and gradient norm. Otherwise, train.on_nonfinite: `stop`
+        ends the run with a named error and nothing is saved after it; `skip` counts the step (its
+        update was dropped by the engine) and stops after train.max_skips consecutive ones."""
         bad = [f"{what} is {value}" for what, value in (("the training loss", result.loss),
                                                          ("the gradient norm", result.grad_norm))
                if value is not None and not math.isfinite(value)]
-        if bad:
-            hint = ("lower optim.lr or raise optim.warmup_steps (clipping is on already), and check the data "
-                    "around this step" if self.cfg.optim.clip > 0 else
-                    "lower optim.lr or enable clipping (optim.clip)")
-            raise UserError(f"step {step}: {' and '.join(bad)}; the run stops without saving this state. {hint}; "
-                            "then continue from the newest checkpoint with --resume auto")
+        if not bad:
+            self.state.consecutive_skips = 0
+            return True
+        hint = ("lower optim.lr or raise optim.warmup_steps (clipping is on already), and check the data "
+                "around this step" if self.cfg.optim.clip > 0 else "lower optim.lr or enable clipping (optim.clip)")
+        what = f"step {step}: {' and '.join(bad)}"
+        t = self.cfg.train
+        if t.on_nonfinite == "skip" and result.skipped:
+            self.state.skipped_steps += 1
+            self.state.consecutive_skips += 1
+            if self.state.consecutive_skips <= t.max_skips:
+                if self.par.is_logging_rank:
+                    print(f"  {what}: its update was dropped (skip {self.state.consecutive_skips} of at most "
+                          f"{t.max_skips} in a row)", flush=True)
+                return False
+            what += f" ({self.state.consecutive_skips} steps in a row, more than train.max_skips={t.max_skips})"
+        kept = "its update was dropped, " if result.skipped else ""
+        raise UserError(f"{what}; {kept}the run stops without saving this state. {hint}; then continue from the "
+                        "newest checkpoint with --resume auto")
 
     # ---- validation
 

@@ -194,3 +194,25 @@ def test_a_full_disk_is_named_leaves_the_previous_checkpoint_and_resume_works_af
     rc, out, err = _done(_train(run, "train.steps=4", "checkpoint.every=2", "--resume", "auto"))
     assert rc == 0, err[-3000:]
     assert _cli("checkpoint", "verify", str(run))[0] == 0
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize("zero", [0, 1])  # ZeRO 0 (fp32): our own clipping drops the update; 1: DeepSpeed's optimizer
+def test_non_finite_steps_are_skipped_up_to_a_limit_then_stop(tmp_path, zero):
+    """Weights initialised at 1e36 overflow in the first forward: every step's loss is NaN. With
+    on_nonfinite=skip each update is dropped and counted; the third in a row exceeds max_skips=2."""
+    run = tmp_path / "run"
+    bad = ["model.init_std=1e36", f"parallel.zero_stage={zero}", "checkpoint.every=1", "train.steps=6"]
+    rc, out, err = _done(_train(run, *bad, "train.on_nonfinite=skip", "train.max_skips=2"))
+    assert rc == 2 and "3 steps in a row, more than train.max_skips=2" in err and "Traceback" not in err
+    assert out.count("its update was dropped (skip") == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [1, 2] and all(r["loss"] is None for r in records)
+    assert all(r["lr"] == records[0]["lr"] for r in records)  # the LR schedule held still
+    # the weights never changed, so the checkpoints of the skipped steps hold the finite initial weights
+    assert _cli("checkpoint", "verify", str(run))[0] == 0
+    rc, _, err = _done(_train(tmp_path / "stop", *bad))  # the default policy stops at the first one
+    assert rc == 2 and "step 1: the training loss is nan" in err and "its update was dropped" in err
+    assert not (tmp_path / "stop" / "checkpoints").exists()

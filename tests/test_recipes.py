@@ -161,7 +161,7 @@ NONSENSE = [
     ("train.steps=0", "train.steps", "0"), ("train.global_batch=0", "train.global_batch", "0"),
     ("train.micro_batch=0", "train.micro_batch", "0"), ("train.log_every=0", "train.log_every", "0"),
     ("train.max_minutes=-1", "train.max_minutes", "-1.0"), ("train.max_minutes=.nan", "train.max_minutes", "nan"),
-    ("train.max_minutes=.inf", "train.max_minutes", "inf"),
+    ("train.max_minutes=.inf", "train.max_minutes", "inf"), ("train.max_skips=0", "train.max_skips", "0"),
     ("eval.every=-1", "eval.every", "-1"), ("eval.batches=0", "eval.batches", "0"),
     ("eval.mc_samples=0", "eval.mc_samples", "0"),
     ("checkpoint.every=-1", "checkpoint.every", "-1"), ("checkpoint.keep_last=0", "checkpoint.keep_last", "0"),

@@ -76,6 +76,8 @@ class TrainConfig:
     micro_batch: int = 8
     log_every: int = 10
     max_minutes: float = 0.0  # 0: no limit; else checkpoint and stop once this much wall time has passed
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a step whose loss or gradient norm is not finite
+    max_skips: int = 3  # with on_nonfinite=skip: consecutive skipped steps before the run stops
 
 
 @dataclass
@@ -175,6 +177,9 @@ DOCS: dict[str, str] = {
     "train.log_every": "log training metrics every N steps",
     "train.max_minutes": "wall-clock budget in minutes: at the first step boundary past it, save a checkpoint "
                          "and exit (code 3, resume with --resume auto); 0 = no limit",
+    "train.on_nonfinite": "a step whose loss or gradient norm is not finite: stop (exit 2; nothing saved after "
+                          "it) or skip (its update is dropped, counted in metrics as skipped_steps)",
+    "train.max_skips": "with on_nonfinite=skip: stop after this many consecutive skipped steps",
     "eval.every": "validate every N steps (and at the end); 0 = only at the end",
     "eval.batches": "validation batches per evaluation",
     "eval.mc_samples": "Monte Carlo noise draws per validation sequence",

@@ -86,7 +86,7 @@ RANGES: dict[str, Span] = {
     "parallel.tp": ONE_UP, "parallel.pp": ONE_UP, "parallel.dp": _count(0, "0 = auto"),
     "parallel.zero_stage": Span(0, 3, hi_open=False, integer=True),
     "train.steps": ONE_UP, "train.global_batch": ONE_UP, "train.micro_batch": ONE_UP,
-    "train.log_every": ONE_UP, "train.max_minutes": Span(0.0, note="0 = no limit"),
+    "train.log_every": ONE_UP, "train.max_minutes": Span(0.0, note="0 = no limit"), "train.max_skips": ONE_UP,
     "eval.every": ONLY_AT_END, "eval.batches": ONE_UP, "eval.mc_samples": ONE_UP,
     "checkpoint.every": ONLY_AT_END, "checkpoint.keep_last": ONE_UP,
     "seed": Span(0, SEED_LIMIT, integer=True),
