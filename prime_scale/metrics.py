@@ -135,6 +135,8 @@ def print_summary(state, run_log: RunLog, stop_reason: Optional[str] = None) -> 
     if state.last_val:
         v = state.last_val
         print(f"validation (sub-token ELBO): {describe_validation(v)}", flush=True)
+    elif stop_reason:
+        print("validation: none yet (the run stopped before its first validation)", flush=True)
     else:
         print("validation: the data has no 'val' split (prepare it with --val-fraction > 0)", flush=True)
     if stop_reason:

@@ -92,6 +92,29 @@ def test_a_stop_signal_saves_and_the_resumed_run_is_bitwise_equal(reference, tmp
     assert _losses(run) == _losses(reference)  # every loss and gradient norm, bit for bit
 
 
+def test_sigterm_to_the_process_group_of_an_nproc_2_run_saves_on_every_rank(tmp_path):
+    """What SLURM does at preemption: SIGTERM to every process of the job (the launcher forwards it
+    too). Both ranks stop at the same step boundary, one checkpoint is saved, exit 3; the resumed
+    run equals an uninterrupted one."""
+    steps = ["train.steps=16", "checkpoint.every=0", "--nproc", "2"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    rc, _, err = _done(_train(straight, *steps))
+    assert rc == 0, err[-3000:]
+    run.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "prime_scale.cli", "train", "tiny-cpu", *TINY, f"run.dir={run}",
+                          "--samples", "0", *steps], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_step(run, 2, p)
+    os.killpg(p.pid, signal.SIGTERM)
+    rc, out, err = _done(p)
+    assert rc == 3, (rc, err[-3000:])
+    stopped = [int(d.name.split("_")[1]) for d in (run / "checkpoints").iterdir() if d.name.startswith("step_")]
+    assert len(stopped) == 1 and stopped[0] < 16 and _cli("checkpoint", "verify", str(run))[0] == 0
+    rc, out, err = _done(_train(run, *steps, "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert _losses(run) == _losses(straight)
+
+
 def test_the_time_budget_ends_the_run_with_a_checkpoint(reference, tmp_path):
     run = tmp_path / "run"
     rc, out, err = _done(_train(run, f"train.steps={STEPS}", "checkpoint.every=10", "train.max_minutes=0.0001"))
