@@ -46,6 +46,8 @@ def data(tmp_path_factory):
     small = dict(seq_len=SEQ, val_fraction=0.2, shard_bytes=12000, progress=False, workers=1)
     for fmt in FORMATS:
         shard_corpus([str(root / "a.jsonl")], tok, root / fmt, ShardOptions(format=fmt, **small), log=lambda s: None)
+    shard_corpus([str(root / "a.jsonl")], tok, root / "zst", ShardOptions(format="mds", compression="zstd", **small),
+                 log=lambda s: None)
     return root
 
 
@@ -143,6 +145,19 @@ def test_random_bytes_over_the_samples_fail_the_hash_when_the_shard_is_first_ope
     with pytest.raises(UserError, match=rf"^{esc(ds)}, split train: sample \d+ in shard {esc(shards[0])} holds "
                                         rf"token id \d+, but the manifest's vocab_size is {V}"):
         first_batches(ds, workers=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_shard_damaged_after_it_was_opened_is_named_with_its_sample(data, tmp_path, fmt):
+    ds, shards = copy_of(data, tmp_path, fmt)
+    loader = build_loader(cfg_for(ds, "data.shuffle=false"), "train", 0, 1, 4, seed=0)
+    batches = iter(loader)
+    next(batches)  # shard 0 is open, its hash checked
+    os.truncate(shards[0], 4000)  # as a failing disk or a concurrent copy would
+    with pytest.raises(UserError, match=rf"^{esc(shards[0])}: cannot read sample \d+ \(\w+: .*\): the shard is "
+                                        r"damaged; restore it"):
+        for _ in range(100):
+            next(batches)
 
 
 def test_hashes_are_recorded_for_every_file_and_match(data):
@@ -249,7 +264,8 @@ def test_prep_shard_of_a_truncated_compressed_input_exits_2(data, tmp_path, ext)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "prime_scale.cli", "prep", "shard", "--input", str(bad),
                            "--tokenizer", str(data / "tok"), "--seq-len", str(SEQ), "--out", str(out),
-                           "--format", "wds", "--workers", "1", "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+                           "--format", "wds", "--workers", "1", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"{bad}: truncated or corrupt compressed stream" in proc.stderr
     assert "Traceback" not in proc.stderr and "empty corpus" not in proc.stderr
@@ -271,11 +287,38 @@ def test_a_remote_dataset_checks_its_cache_and_downloads_a_damaged_copy_again(da
     assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(good, again))
     shards[2].unlink()  # not in the cache: the start-up check downloads nothing; the first read names it
     build_loader(cfg_for(uri), "train", 0, 1, 4, seed=0)
-    with pytest.raises(UserError, match=rf"^{re.escape(uri)}/train/{shards[2].name}: not found: the manifest lists this "
-                                        r"file; restore it there"):
+    with pytest.raises(UserError, match=rf"^{re.escape(uri)}/train/{shards[2].name}: not found: the manifest "
+                                        r"lists this file; restore it there"):
         first_batches(uri, 1000)
     scribble(shards[0], "mds")
     cached.unlink()
     with pytest.raises(UserError, match=rf"^{re.escape(uri)}/train/{shards[0].name}: content hash mismatch .* "
                                         r"\(downloaded twice\): restore the remote copy"):
         first_batches(uri)
+
+
+# --------------------------------------------------------------------------- compressed MDS shards
+
+
+def test_compressed_mds_shards_are_checked_as_stored(data, tmp_path, capsys):
+    ds = tmp_path / "zst"
+    shutil.copytree(data / "zst", ds)
+    zipped = sorted((ds / "train").glob("*.mds.zstd"))
+    code, out = verify(ds, capsys)  # the largest ids are found in the decompressed samples
+    assert code == 0 and "verify: all" in out, out
+    good = first_batches(ds, 2)
+    raw = ds / "train" / zipped[0].name[: -len(".zstd")]  # the reader's decompressed copy
+    os.truncate(raw, 100)  # not of the index's size: made again from the verified compressed shard
+    again = first_batches(ds, 2)
+    assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(good, again))
+    body = bytearray(zipped[0].read_bytes())
+    body[len(body) // 2:] = np.random.default_rng(0).bytes(len(body) - len(body) // 2)
+    zipped[0].write_bytes(bytes(body))
+    raw.unlink()
+    with pytest.raises(UserError, match=rf"^{esc(zipped[0])}: content hash mismatch"):
+        first_batches(ds)
+    edit_manifest(ds, lambda m: m.pop("files"))  # without hashes: the codec's own error, named
+    with pytest.raises(UserError, match=rf"^{esc(zipped[0])}: cannot decompress the shard"):
+        first_batches(ds)
+    code, out = verify(ds, capsys)
+    assert code == 2 and re.search(rf"DAMAGED {esc(zipped[0])}: cannot read the shard", out), out

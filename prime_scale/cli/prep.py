@@ -26,7 +26,7 @@ def _size(text: str) -> int:
 def _input_args(p: argparse.ArgumentParser, ids: bool = False) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--input", "-i", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="files (.txt/.md/.jsonl, optionally .gz/.zst), directories or glob patterns")
+                   help="files (.txt/.md/.jsonl, optionally .gz/.bz2/.xz/.zst), directories or glob patterns")
     g.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl"],
                    help="how to read the files (auto: by extension)")
     g.add_argument("--text-field", default="text", help="JSONL: dotted path of the text (default: text)")

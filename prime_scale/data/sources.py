@@ -153,9 +153,9 @@ class Source:
         bad = int(block[row][block[row] >= V][0])
         raise UserError(f"{self.uri}, split {self.split}: sample {int(ids[row])} in shard "
                         f"{self.uri}/{self.shard_file(shard)} holds token id {bad}, but the manifest's vocab_size is "
-                        f"{V}: the shard is damaged, or the shards do not match the manifest's vocabulary; restore the shard, "
-                        "or prepare the dataset again with `prime-scale prep shard` (or restore the manifest "
-                        "written with these shards); `prime-scale prep inspect --verify` checks every shard")
+                        f"{V}: the shard is damaged, or the shards do not match the manifest's vocabulary; restore "
+                        "the shard, or prepare the dataset again with `prime-scale prep shard` (or restore the "
+                        "manifest written with these shards); `prime-scale prep inspect --verify` checks every shard")
 
     def __getstate__(self):  # open handles stay in the process that opened them
         state = dict(self.__dict__)
