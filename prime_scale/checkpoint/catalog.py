@@ -17,7 +17,6 @@ checkpoints or the new one. Pure Python (no torch): `prime-scale convert` and to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from prime_scale import fsio
+from prime_scale.data.integrity import HASH, file_digest  # one file hash for datasets and checkpoints
 from prime_scale.errors import UserError
 
 FORMAT = "prime-scale-checkpoint"
@@ -37,8 +37,6 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 TMP_MARK = ".tmp-"
 TRASH_MARK = ".trash-"
 DAMAGED_MARK = ".damaged-"
-HASH = "sha256"
-_CHUNK = 8 << 20
 
 
 class IncompleteCheckpoint(UserError):
@@ -117,14 +115,6 @@ def find_latest_complete(ckpt_dir: Path) -> Optional[Path]:
 # --------------------------------------------------------------------------- content hashes
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.new(HASH)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)  # hashlib releases the GIL on large buffers: hashing overlaps the fsyncs
-    return h.hexdigest()
-
-
 def describe_files(folder: Path, paths: Iterable[str]) -> list[dict]:
     """{path, bytes, sha256} of the given files of folder, each fsynced (so the manifest never outlives
     its data). The hash reads the file back from the page cache while another thread flushes it to
@@ -152,16 +142,17 @@ def relative_files(folder: Path, skip: Iterable[str] = ()) -> list[str]:
     return sorted(out)
 
 
-def damage(folder: Path, entries: Optional[list] = None) -> list[str]:
-    """What is wrong with a checkpoint folder, one line per file ([] = intact). Sizes first (cheap);
-    then every recorded hash is recomputed. `entries`: a share of the manifest's files to check (a
-    rank's part of a collective verification); default all of them."""
+def damage(folder: Path, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What is wrong with a checkpoint folder, one line per file ([] = intact). Sizes first (cheap, all
+    files); then the recorded hashes are recomputed, of every `world`-th file from `rank` for
+    share=(rank, world) (a rank's part of a collective verification; default all of them)."""
     try:
         manifest = read_manifest(folder)
     except IncompleteCheckpoint as e:
         return [str(e)]
+    rank, world = share
     problems = []
-    for entry in manifest["files"] if entries is None else entries:
+    for entry in manifest["files"][rank::world]:
         expected = entry.get(HASH)
         if expected is None:
             continue  # written before prime-scale recorded hashes: the size check is all there is

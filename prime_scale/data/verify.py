@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from prime_scale.data.format import TOKENS_FIELD, manifest_path
-from prime_scale.data.integrity import HASH, NO_HASHES, content_problem, recorded_files, size_problem
+from prime_scale.data.integrity import (HASH, NO_HASHES, content_problem, file_digest, recorded_files,
+                                        size_problem)
 from prime_scale.data.remote import fetch, is_remote
 from prime_scale.data.sources import Source, open_source
 from prime_scale.errors import UserError
@@ -135,7 +136,7 @@ def verify_dataset(m: dict) -> Report:
             report.damaged.append(f"{rel}: cannot download it ({e})")
             continue
         problem = size_problem(path, entry["bytes"], manifest_path(m), "file") or content_problem(
-            path.stat().st_size, lambda: hashlib.new(HASH, path.read_bytes()).hexdigest(), entry, "file")
+            path.stat().st_size, lambda: file_digest(path), entry, "file")
         if problem:
             report.damaged.append(f"{path}: {problem}")
     return report
