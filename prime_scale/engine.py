@@ -78,6 +78,57 @@ class TrainModule(nn.Module):
         return self.objective.nll(logits, x0, yt, t, mask)[1]
 
 
+class _PoisonGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward. A vetoed step (a loss spike) backpropagates
+    through it: every gradient becomes NaN and the optimizer's own non-finite check drops the
+    update, exactly as for a NaN loss (DeepSpeed's ZeRO and bf16 optimizers, our ZeRO-0 clipping
+    path), with the LR schedule held and the step counted as skipped. One drop path for both."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class _GuardedLoss:
+    """Pipeline loss function of training (last stage): the objective, plus the loss-spike veto.
+    When the engine has a loss ceiling, the step's loss (mean over this rank's micro-batches, then
+    over DP) is known at the last micro-batch's forward, before any backward of it: above the
+    ceiling, that micro-batch's gradient is poisoned. DP peers of the last stage reach this point of
+    the schedule alike, so the all-reduce over them cannot cross another collective."""
+
+    def __init__(self, objective: PrimeObjective, engine: "Engine"):
+        self.objective, self.engine = objective, engine
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count = None, 0
+
+    def __call__(self, logits_shard, labels):
+        loss = self.objective(logits_shard, labels)
+        engine = self.engine
+        if engine.loss_ceiling is None:
+            return loss
+        # the very operations by which DeepSpeed's pipeline engine forms the loss train_batch returns,
+        # so that the veto here and the engine's report of it (from that loss) always agree
+        if self.total is None:
+            self.total = torch.zeros_like(loss)
+        self.total += loss.detach()
+        self.count += 1
+        if self.count == engine.gas:
+            mean = self.total / engine.gas
+            if engine.state.dp > 1:
+                dist.all_reduce(mean, group=engine.state.dp_group)
+                mean /= engine.state.dp
+            if engine.veto_above(mean, engine.loss_ceiling):
+                loss = _PoisonGradient.apply(loss)
+            self.reset()
+        return loss
+
+
 class _SequenceSums:
     """Pipeline loss function of evaluation: per row, Σ ELBO and Σ joint [B, 2]."""
 
@@ -93,8 +144,9 @@ class _SequenceSums:
 class StepResult:
     loss: float  # the training objective, mean over the global batch
     grad_norm: Optional[float]  # before clipping
-    skipped: bool  # the update was dropped (a non-finite gradient norm)
+    skipped: bool  # the update was dropped (a non-finite gradient norm, or a spike)
     lr: float  # the learning rate this step used
+    spike: bool = False  # the loss exceeded the step's ceiling: the update was dropped before it was applied
 
 
 # --------------------------------------------------------------------------- the engine
@@ -123,8 +175,9 @@ class Engine:
             from deepspeed.pipe import LayerSpec, PipelineModule
 
             # megatron's state exists already: the TP layers are built inside this constructor
+            self._guarded_loss = _GuardedLoss(self.objective, self)
             module = PipelineModule(layers=[LayerSpec(cls, **kw) for cls, kw in layer_builders(self.args)],
-                                    topology=state.topology, loss_fn=self.objective,
+                                    topology=state.topology, loss_fn=self._guarded_loss,
                                     partition_method="type:Block")
             mpu = None  # DeepSpeed's pipeline engine takes its groups from the topology
         else:
@@ -140,6 +193,7 @@ class Engine:
             mpu=mpu, lr_scheduler=scheduler, dist_init_required=False)
         self.module = module
         self._norm: Optional[float] = None
+        self.loss_ceiling: Optional[float] = None  # this step's: a higher loss drops its update (a spike)
         if self._own_clipping:
             self.ds.optimizer.step = self._guarded_step(self.ds.optimizer)
         self.ema = WeightEMA(module, cfg.optim.ema) if cfg.optim.ema > 0 else None
@@ -198,37 +252,55 @@ class Engine:
 
     # ---- training
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
-        """One optimizer step over this rank's micro-batches of the global batch (gas of them)."""
+    def train_step(self, micro_batches: Sequence[Batch], loss_ceiling: Optional[float] = None) -> StepResult:
+        """One optimizer step over this rank's micro-batches of the global batch (gas of them).
+        With a loss ceiling, a step whose loss (over the global batch) exceeds it has its update
+        dropped before it is applied (the loss-spike policy; the same on every rank)."""
         if len(micro_batches) != self.gas:
             raise ValueError(f"train_step needs {self.gas} micro-batches (gradient accumulation), got {len(micro_batches)}")
         lr = self.current_lr()
         device = self.state.device
         skipped_before = int(self.ds.skipped_steps)
+        self.loss_ceiling = loss_ceiling
         if self.pipeline:
+            self._guarded_loss.reset()
             data = iter([(b.yt, b.labels()) for b in (m.to(device) for m in micro_batches)])
             loss = float(self.ds.train_batch(data_iter=data))
         else:
             self.ds.train()
             # on the compute device: NCCL reduces only GPU tensors
             total = torch.zeros((), dtype=torch.float64, device=device)
-            for b in micro_batches:
+            for i, b in enumerate(micro_batches):
                 b = b.to(device)
                 mean = self.ds(b.yt, b.x0, b.t, b.mask)
+                total += mean.detach().double()
+                if i == len(micro_batches) - 1:
+                    # every micro-batch has the same token count: the global mean is the mean of means,
+                    # known before the last backward, so a spike's update can still be dropped
+                    total /= len(micro_batches)
+                    if self.state.dp > 1:
+                        dist.all_reduce(total, group=self.state.dp_group)
+                        total /= self.state.dp
+                    if loss_ceiling is not None and self.veto_above(total, loss_ceiling):
+                        mean = _PoisonGradient.apply(mean)
                 self.ds.backward(mean)
                 self.ds.step()
-                total += mean.detach().double()
-            # every micro-batch has the same token count: the global mean is the mean of means
-            total /= len(micro_batches)
-            if self.state.dp > 1:
-                dist.all_reduce(total, group=self.state.dp_group)
-                total /= self.state.dp
             loss = float(total)
         skipped = int(self.ds.skipped_steps) > skipped_before
         if self.ema is not None and not skipped:  # a dropped update leaves every weight as it was
             self.ema.update()
-        norm = self._norm if self._own_clipping else self.ds.get_global_grad_norm()
-        return StepResult(loss=loss, grad_norm=None if norm is None else float(norm), lr=lr, skipped=skipped)
+        # decided from the loss every rank holds, as the veto was: the same answer on every rank
+        spike = loss_ceiling is not None and self.veto_above(loss, loss_ceiling)
+        # a vetoed step's norm is the poison's, not the gradient's
+        norm = None if spike else (self._norm if self._own_clipping else self.ds.get_global_grad_norm())
+        return StepResult(loss=loss, grad_norm=None if norm is None else float(norm), lr=lr, skipped=skipped,
+                          spike=spike)
+
+    @staticmethod
+    def veto_above(loss, ceiling: float) -> bool:
+        """A finite loss above the ceiling (a non-finite one is dropped by the optimizer anyway)."""
+        value = float(loss)
+        return math.isfinite(value) and value > ceiling
 
     # ---- evaluation
 

@@ -98,7 +98,8 @@ def print_progress(cfg: Config, r: dict) -> None:
     if "loss" in r:
         eta = (cfg.train.steps - r["step"]) * r["step_time_s"]
         gnorm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
-        print(f"step {r['step']:>{len(str(cfg.train.steps))}}/{cfg.train.steps} | loss {_num(r['loss'], '{:.4f}')} | "
+        loss = "- (update skipped)" if r["loss"] is None else f"{r['loss']:.4f}"  # every step since the last line
+        print(f"step {r['step']:>{len(str(cfg.train.steps))}}/{cfg.train.steps} | loss {loss} | "
               f"lr {r['lr']:.2e} | grad norm {gnorm} | {r['tokens_per_s']:,.0f} tok/s | "
               f"{r['step_time_s']:.3f} s/step | ETA {fmt_duration(eta)}", flush=True)
     if "val_nll_bound" in r:

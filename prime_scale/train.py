@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import signal
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,8 +58,9 @@ class TrainState:
     tokens_seen: int = 0
     samples_seen: int = 0
     train_time_s: float = 0.0
-    skipped_steps: int = 0  # steps whose update was dropped (train.on_nonfinite=skip)
+    skipped_steps: int = 0  # steps whose update was dropped (train.on_nonfinite=skip, train.on_spike=skip)
     consecutive_skips: int = 0
+    recent_losses: list = field(default_factory=list)  # the spike test's window of accepted step losses
     last_val: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
@@ -217,7 +219,8 @@ class Trainer:
             step = self.state.step
             batches = self.micro_batches(train_iter, step)
             t0 = time.perf_counter()
-            result = self.engine.train_step(batches)
+            ceiling = self._loss_ceiling()
+            result = self.engine.train_step(batches, loss_ceiling=ceiling)
             dt = time.perf_counter() - t0
             self.state.step += 1
             self.state.tokens_seen += tokens_per_step
@@ -228,7 +231,7 @@ class Trainer:
             done = self.state.step
             last = done == cfg.train.steps
             record = None
-            if self._check_finite(done, result):
+            if self._accept(done, result, ceiling):
                 window_loss.append(result.loss)
                 if result.grad_norm is not None:
                     window_norms.append(result.grad_norm)
@@ -253,21 +256,42 @@ class Trainer:
             if self.stop_reason:
                 break
 
-    def _check_finite(self, step: int, result) -> bool:
-        """True for a step with a finite loss and gradient norm. Otherwise, train.on_nonfinite: `stop`
-        ends the run with a named error and nothing is saved after it; `skip` counts the step (its
-        update was dropped by the engine) and stops after train.max_skips consecutive ones."""
+    def _loss_ceiling(self) -> Optional[float]:
+        """The spike test's threshold for the next step: train.spike_factor × the median training loss
+        of the last train.spike_window accepted steps; None while the test is off or still filling its
+        window. The window is part of the checkpointed state, so a resumed run tests alike."""
+        t = self.cfg.train
+        if not t.spike_factor or len(self.state.recent_losses) < t.spike_window:
+            return None
+        return t.spike_factor * statistics.median(self.state.recent_losses)
+
+    def _accept(self, step: int, result, ceiling: Optional[float]) -> bool:
+        """True for a step whose update stands: a finite loss and gradient norm, and no spike. A
+        non-finite step follows train.on_nonfinite and a spike train.on_spike: `stop` ends the run with
+        a named error and nothing is saved after it; `skip` counts the step (the engine dropped its
+        update) and stops after train.max_skips consecutive skipped steps."""
+        t = self.cfg.train
         bad = [f"{what} is {value}" for what, value in (("the training loss", result.loss),
                                                          ("the gradient norm", result.grad_norm))
                if value is not None and not math.isfinite(value)]
-        if not bad:
+        if result.spike:  # the engine judged the loss against `ceiling` and dropped the update
+            policy = t.on_spike
+            what = (f"step {step}: the training loss {result.loss:.4g} is a spike, above train.spike_factor="
+                    f"{t.spike_factor:g} × {ceiling / t.spike_factor:.4g} (the median of the last "
+                    f"{t.spike_window} accepted steps)")
+            hint = ("check the data around this step and lower optim.lr; if such losses are this run's normal "
+                    "noise, raise train.spike_factor or train.spike_window")
+        elif bad:
+            policy, what = t.on_nonfinite, f"step {step}: {' and '.join(bad)}"
+            hint = ("lower optim.lr or raise optim.warmup_steps (clipping is on already), and check the data "
+                    "around this step" if self.cfg.optim.clip > 0 else
+                    "lower optim.lr or enable clipping (optim.clip)")
+        else:
             self.state.consecutive_skips = 0
+            if t.spike_factor:
+                self.state.recent_losses = (self.state.recent_losses + [result.loss])[-t.spike_window:]
             return True
-        hint = ("lower optim.lr or raise optim.warmup_steps (clipping is on already), and check the data "
-                "around this step" if self.cfg.optim.clip > 0 else "lower optim.lr or enable clipping (optim.clip)")
-        what = f"step {step}: {' and '.join(bad)}"
-        t = self.cfg.train
-        if t.on_nonfinite == "skip" and result.skipped:
+        if policy == "skip" and result.skipped:
             self.state.skipped_steps += 1
             self.state.consecutive_skips += 1
             if self.state.consecutive_skips <= t.max_skips:

@@ -77,6 +77,7 @@ def run_layouts(layouts: list):
             result = engine.train_step(batches)
             losses.append(result.loss)
             norms.append(result.grad_norm)
+        vetoed = _vetoed_step(engine, batches)
         before = [p.detach().clone() for p in engine.module.parameters()]
         val = _validation_sums(engine, batches, st)  # EMA weights
         extra = {}
@@ -87,10 +88,34 @@ def run_layouts(layouts: list):
         if layouts[k] == ["parallel.pp=2"]:
             extra["refused"] = _wrong_topology_is_refused(st)
         records.append({"layout": overrides, "losses": losses, "norms": norms, "val": val, "weights": weights,
-                        "dp": st.dp, "gas": engine.gas, **extra})
+                        "dp": st.dp, "gas": engine.gas, "vetoed": vetoed, **extra})
         dist.barrier()
         pstate.destroy()
     return records
+
+
+def _vetoed_step(engine, batches):
+    """The loss-spike veto: a step over the last batches with a ceiling below any loss must drop
+    its update on every rank (local weights, ZeRO-3 partitions included, bitwise unchanged; EMA and
+    LR held) and still report the true loss: the same batches again, without a ceiling, give the
+    same loss from the same weights, and that step's update stands."""
+    import torch
+    import torch.distributed as dist
+
+    def local():
+        return [getattr(p, "ds_tensor", p).detach().clone() for p in engine.module.parameters()]
+
+    before, lr = local(), engine.current_lr()
+    ema = [s.clone() for s in engine.ema.shadow]
+    result = engine.train_step(batches, loss_ceiling=0.0)
+    kept = all(torch.equal(a, b) for a, b in zip(before, local()))
+    kept &= all(torch.equal(a, b) for a, b in zip(ema, engine.ema.shadow))
+    lr_held = engine.current_lr() == lr
+    again = engine.train_step(batches)
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, (result.spike, result.skipped, kept, result.grad_norm is None))
+    return {"flags": flags, "lr_held": lr_held, "loss": result.loss, "again": again.loss,
+            "again_applied": not again.skipped and not again.spike}
 
 
 def _validation_sums(engine, batches, st, use_ema=True):
@@ -215,6 +240,15 @@ def test_pp2_bf16_stays_close_to_fp32(runs):
     r, base = two[("parallel.pp=2", "precision=bf16")], ref[("parallel.zero_stage=1",)]
     for x, y in zip(base["losses"], r["losses"]):
         assert abs(x - y) < 5e-3 * abs(x), (base["losses"], r["losses"])
+
+
+def test_a_loss_spike_veto_drops_the_update_under_every_layout(runs):
+    ref, two = runs
+    for r in [*ref.values(), *two.values()]:
+        v = r["vetoed"]
+        assert all(list(f) == [True, True, True, True] for f in v["flags"]), (r["layout"], v["flags"])
+        assert v["lr_held"] and v["again_applied"], r["layout"]
+        assert v["loss"] == v["again"], (r["layout"], v)  # the true loss, from unchanged weights
 
 
 def test_a_topology_that_disagrees_with_megatron_is_refused(runs):

@@ -77,7 +77,10 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float = 0.0  # 0: no limit; else checkpoint and stop once this much wall time has passed
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a step whose loss or gradient norm is not finite
-    max_skips: int = 3  # with on_nonfinite=skip: consecutive skipped steps before the run stops
+    max_skips: int = 3  # consecutive skipped steps (non-finite or spiking) before the run stops
+    spike_factor: float = 0.0  # 0: off; else a loss above this × the recent median is a spike
+    spike_window: int = 50  # accepted steps whose median loss the spike test compares against
+    on_spike: Literal["stop", "skip"] = "skip"  # a spiking step: stop the run, or drop its update
 
 
 @dataclass
@@ -179,7 +182,13 @@ DOCS: dict[str, str] = {
                          "and exit (code 3, resume with --resume auto); 0 = no limit",
     "train.on_nonfinite": "a step whose loss or gradient norm is not finite: stop (exit 2; nothing saved after "
                           "it) or skip (its update is dropped, counted in metrics as skipped_steps)",
-    "train.max_skips": "with on_nonfinite=skip: stop after this many consecutive skipped steps",
+    "train.max_skips": "with on_nonfinite=skip or on_spike=skip: stop after this many consecutive skipped steps",
+    "train.spike_factor": "loss-spike test: a step whose training loss exceeds this × the median loss of the last "
+                          "spike_window accepted steps is a spike (decided before its update); 0 = off, else > 1",
+    "train.spike_window": "accepted steps whose median the spike test compares against; the test starts once "
+                          "this many have run",
+    "train.on_spike": "a spiking step: skip (its update is dropped before it is applied, counted in "
+                      "skipped_steps) or stop (exit 2; nothing saved after it)",
     "eval.every": "validate every N steps (and at the end); 0 = only at the end",
     "eval.batches": "validation batches per evaluation",
     "eval.mc_samples": "Monte Carlo noise draws per validation sequence",

@@ -87,6 +87,7 @@ RANGES: dict[str, Span] = {
     "parallel.zero_stage": Span(0, 3, hi_open=False, integer=True),
     "train.steps": ONE_UP, "train.global_batch": ONE_UP, "train.micro_batch": ONE_UP,
     "train.log_every": ONE_UP, "train.max_minutes": Span(0.0, note="0 = no limit"), "train.max_skips": ONE_UP,
+    "train.spike_factor": Span(0.0, note="0 = off; else above 1"), "train.spike_window": ONE_UP,
     "eval.every": ONLY_AT_END, "eval.batches": ONE_UP, "eval.mc_samples": ONE_UP,
     "checkpoint.every": ONLY_AT_END, "checkpoint.keep_last": ONE_UP,
     "seed": Span(0, SEED_LIMIT, integer=True),
@@ -158,6 +159,9 @@ def _check_batches(cfg: Config, fail: Fail) -> None:
     p, t = cfg.parallel, cfg.train
     if t.global_batch % t.micro_batch:
         fail("train.global_batch", f"{t.global_batch} is not divisible by train.micro_batch={t.micro_batch}")
+    if 0 < t.spike_factor <= 1:
+        fail("train.spike_factor", f"must be 0 (off) or above 1, got {t.spike_factor}: at or below 1 about "
+             "half of all steps would count as spikes")
     if p.dp and t.global_batch % (t.micro_batch * p.dp):
         # blame parallel.dp: the recipe's batch sizes were consistent until dp was pinned, usually
         # on the command line, and the message must send the user to where dp was set
