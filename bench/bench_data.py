@@ -210,10 +210,42 @@ def _check_costs(m: dict, repeats: int) -> dict:
     block, V, calls = open_source(m, "train").read(np.arange(16)), m["vocab_size"], 20000
     check_s = best(lambda: [block.size and block.max() >= V for _ in range(calls)], repeats) / calls
     batch_s = read_s / -(-n // 16)
-    return {"train_shard_mb": round(size / 1e6, 2), "sha256_mb_per_s": round(size / hash_s / 1e6),
+    sixteen = _first_opens(root, shards, processes=16, repeats=repeats)
+    return {**sixteen, "sixteen_processes_hashing_over_epoch_read": round(sixteen["first_opens_16_unstamped_s"] / read_s, 3),
+            "sixteen_processes_stamped_over_epoch_read": round(sixteen["first_opens_16_stamped_s"] / read_s, 3),
+            "train_shard_mb": round(size / 1e6, 2), "sha256_mb_per_s": round(size / hash_s / 1e6),
             "epoch_read_mb_per_s": round(size / read_s / 1e6, 1), "hash_over_epoch_read": round(hash_s / read_s, 4),
             "id_check_us_per_batch": round(check_s * 1e6, 2), "read_us_per_batch": round(batch_s * 1e6, 1),
             "id_check_over_read": round(check_s / batch_s, 4)}
+
+
+def _first_opens(root: Path, shards: list, processes: int, repeats: int) -> dict:
+    """What the first opens of every shard by `processes` processes of one machine cost (each a new
+    process: its in-memory record cleared): with the machine's verification stamps, and without (a
+    cache that cannot be written, so each process hashes every shard, as before stamps)."""
+    import time as _time
+
+    from prime_scale.data import integrity
+
+    _time.sleep(1.1)  # shards changed within the last second get no stamp (integrity._settled)
+
+    def opens():
+        for _ in range(processes):
+            integrity._VERIFIED.clear()
+            for e in shards:
+                assert integrity.hash_problem(root / e["path"], e) is None
+
+    saved = os.environ.get("PRIME_SCALE_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["PRIME_SCALE_CACHE"] = cache
+        stamped = best(lambda: (shutil.rmtree(Path(cache) / "verified", ignore_errors=True), opens()), repeats)
+        os.environ["PRIME_SCALE_CACHE"] = "/proc/no-cache-here"
+        unstamped = best(opens, repeats)
+    if saved is None:
+        os.environ.pop("PRIME_SCALE_CACHE")
+    else:
+        os.environ["PRIME_SCALE_CACHE"] = saved
+    return {"first_opens_16_stamped_s": round(stamped, 4), "first_opens_16_unstamped_s": round(unstamped, 4)}
 
 
 def bench_checks(demo_root: Path, work: Path, repeats: int) -> dict:

@@ -10,8 +10,10 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _demo_outside_the_repository(tmp_path_factory):
+def _demo_and_cache_outside_the_repository(tmp_path_factory):
     os.environ["PRIME_SCALE_DEMO_DIR"] = str(tmp_path_factory.mktemp("demo"))  # subprocesses inherit it
+    # downloads and the stamps of verified shards: never the user's own ~/.cache
+    os.environ["PRIME_SCALE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
 
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,68 @@ def test_random_bytes_over_the_samples_fail_the_hash_when_the_shard_is_first_ope
     with pytest.raises(UserError, match=rf"^{esc(ds)}, split train: sample \d+ in shard {esc(shards[0])} holds "
                                         rf"token id \d+, but the manifest's vocab_size is {V}"):
         first_batches(ds, workers=0)
+
+
+def _entry(ds: Path, shard: Path) -> dict:
+    files = json.loads((ds / "manifest.json").read_text())["files"]
+    return next(e for e in files if e["path"] == shard.relative_to(ds).as_posix())
+
+
+def test_a_shard_verified_on_this_machine_is_hashed_again_only_once_it_changes(data, tmp_path, monkeypatch):
+    """The stamp of a verified shard spares the other processes of the machine the hash; any write to
+    the file (here bytes flipped in place with size and mtime put back: only its ctime moves) voids it,
+    and a stamp never vouches for a hash other than the manifest's."""
+    from prime_scale.data import integrity
+
+    monkeypatch.setenv("PRIME_SCALE_CACHE", str(tmp_path / "cache"))
+    ds, shards = copy_of(data, tmp_path, "mds")
+    entry, hashed, real = _entry(ds, shards[0]), [], integrity.file_digest
+    time.sleep(1.1)  # settled: see integrity._settled
+    monkeypatch.setattr(integrity, "file_digest", lambda path: hashed.append(path) or real(path))
+
+    def another_process():
+        integrity._VERIFIED.clear()
+        return integrity.hash_problem(shards[0], entry)
+
+    assert another_process() is None and len(hashed) == 1
+    assert another_process() is None and len(hashed) == 1  # the stamp vouched
+    assert len(list((tmp_path / "cache" / "verified").glob("*[!k]"))) == 1
+    st = shards[0].stat()
+    body = bytearray(shards[0].read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    with open(shards[0], "r+b") as f:
+        f.write(body)
+    os.utime(shards[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shards[0].stat().st_mtime_ns == st.st_mtime_ns and shards[0].stat().st_size == st.st_size
+    assert "content hash mismatch" in another_process() and len(hashed) == 2
+    body[len(body) // 2] ^= 0xFF
+    shards[0].write_bytes(body)
+    assert another_process() is None and len(hashed) == 3
+    assert "content hash mismatch" in integrity.hash_problem(shards[0], {**entry, "sha256": "0" * 64})
+    assert len(hashed) == 4  # a stamp for the true hash does not vouch for another
+
+
+def test_a_file_changed_within_the_last_second_gets_no_stamp(data, tmp_path, monkeypatch):
+    from prime_scale.data import integrity
+
+    monkeypatch.setenv("PRIME_SCALE_CACHE", str(tmp_path / "cache"))
+    ds, shards = copy_of(data, tmp_path, "mds")  # just written
+    assert integrity.hash_problem(shards[0], _entry(ds, shards[0])) is None
+    assert not list((tmp_path / "cache" / "verified").glob("*[!k]"))
+
+
+def test_processes_that_open_a_shard_at_once_hash_it_once(data, tmp_path):
+    ds, shards = copy_of(data, tmp_path, "mds")
+    time.sleep(1.1)  # settled: see integrity._settled
+    script = ("import json, sys; from pathlib import Path; from prime_scale.data import integrity as i\n"
+              "real, n = i.file_digest, []\n"
+              "i.file_digest = lambda p: n.append(p) or real(p)\n"
+              "print(i.hash_problem(Path(sys.argv[1]), json.loads(sys.argv[2])), len(n))")
+    env = dict(os.environ, PRIME_SCALE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(shards[0]), json.dumps(_entry(ds, shards[0]))],
+                              env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = sorted(p.communicate(timeout=120)[0].split() for p in procs)
+    assert outputs == [["None", "0"]] * 3 + [["None", "1"]], outputs
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -182,3 +182,35 @@ def test_the_nproc_launcher_holds_the_lock_and_its_ranks_die_with_it(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         launcher.wait()
+
+
+def test_torchrun_workers_die_with_their_agent(tmp_path):
+    """kill -9 of torchrun's agent: its workers (direct children, recognised by the agent's command
+    line) get SIGKILL from the kernel, as our own launcher's ranks do, and nothing trains on."""
+    run = tmp_path / "run"
+    log = open(tmp_path / "torchrun.log", "w")
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "prime_scale.cli.train", *TINY, f"run.dir={run}", "--samples", "0",
+                              "train.steps=5000", "checkpoint.every=0"], env=_env(), stdout=log,
+                             stderr=subprocess.STDOUT)
+    agent.log = Path(log.name)
+    workers = []
+    try:
+        _wait_for(lambda: len(_records(run)) >= 1, agent)
+        workers = _children(agent.pid)
+        assert len(workers) == 2, workers
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers), "torchrun's workers outlived it"
+        steps = len(_records(run))
+        time.sleep(1)
+        assert len(_records(run)) == steps
+    finally:
+        agent.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        agent.wait()

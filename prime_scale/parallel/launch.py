@@ -180,24 +180,43 @@ def _forwarding_stop_signals(procs):
             signal.signal(s, handler)
 
 
+# the command lines of the launchers whose workers we tie to them: torchrun's agent and the deepspeed
+# launcher's per-node `deepspeed.launcher.launch` start the workers as their direct children
+EXTERNAL_LAUNCHERS = ("torchrun", "torch.distributed.run", "deepspeed.launcher.launch")
+
+
 def die_with_launcher(environ=None) -> None:
-    """First thing in a rank that launch_local started: the rank gets SIGKILL as soon as its
-    launcher dies (kill -9, a crash, the OOM killer), instead of training on unsupervised.
+    """First thing in a rank: the rank gets SIGKILL as soon as its local launcher dies (kill -9, a
+    crash, the OOM killer), instead of training on unsupervised. Our --nproc launcher names itself
+    in the environment; a torchrun agent or the deepspeed launcher is recognised as the direct
+    parent by its command line (Linux).
 
     SIGKILL rather than SIGTERM: a dead launcher is a hard stop (a polite one reaches the ranks as
     a forwarded SIGTERM while the launcher lives), all ranks then stop at once instead of one
     waiting in a collective for another, and checkpoints are published atomically, so the newest
     complete one is intact for --resume auto. Linux: prctl(PR_SET_PDEATHSIG); elsewhere a thread
-    that polls the parent pid every 0.5 s."""
+    that polls the parent pid every 0.5 s (our launcher only)."""
     environ = os.environ if environ is None else environ
     raw = environ.pop(LAUNCHER_ENV, None)  # the rank's own subprocesses have another parent
-    if not raw:
+    if raw:
+        launcher = int(raw)
+    elif "LOCAL_RANK" in environ and _is_external_launcher(os.getppid()):
+        launcher = os.getppid()
+    else:
         return
-    launcher = int(raw)
     if not _parent_death_signal(signal.SIGKILL):
         threading.Thread(target=_watch_parent, args=(launcher,), name="die-with-launcher", daemon=True).start()
     if os.getppid() != launcher:  # the launcher died before the kernel was told
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_external_launcher(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # not Linux, or the parent is gone already
+        return False
+    words = [os.path.basename(a.decode(errors="replace")) for a in argv[:4]]
+    return any(name in words for name in EXTERNAL_LAUNCHERS)
 
 
 def _parent_death_signal(signum: int) -> bool:
