@@ -15,10 +15,11 @@ import sys
 from prime_scale import __version__
 from prime_scale.errors import EXIT_CODES, INTERRUPTED, USER_ERROR, UserError, report
 
-SUBCOMMANDS = ("recipe", "prep", "train", "eval", "sample", "convert", "checkpoint")
+SUBCOMMANDS = ("recipe", "prep", "plan", "train", "eval", "sample", "convert", "checkpoint")
 HELP = {
     "recipe": "list, show or validate recipes (with overrides); show the schema and its defaults",
     "prep": "prepare data: train a tokenizer, shard a corpus, build the demo corpus, inspect a dataset",
+    "plan": "what a recipe needs on N GPUs: memory per rank, communication, step time; --verify: a dry run",
     "train": "train a Prime model from a recipe",
     "eval": "evaluate the valid NLL bound (sub-token ELBO) and perplexity of a checkpoint",
     "sample": "generate text with the ancestral sub-token sampler",
