@@ -110,6 +110,45 @@ def test_layer_weights_are_keyed_by_seed_and_layer_index(single_process):
     assert not torch.equal(other["1.qkv.weight"], a["1.qkv.weight"])
 
 
+def test_building_the_model_leaves_every_global_rng_as_it_was(single_process, monkeypatch):
+    """The layer seeds are forked off: dropout streams (and DP replicas' differences, seeded by the
+    parallel state before the model is built) continue as if no model had been built. On a GPU
+    machine the CUDA generators are compared too; on any machine, no CUDA generator may be seeded
+    (torch.manual_seed would seed them all, and a CPU-only fork would not restore them)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from prime_scale.model import PrimeTransformer
+
+    torch.manual_seed(2024)  # a state no layer seed gives
+    cuda_seeded = []
+    for name in ("manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda seed, name=name: cuda_seeded.append((name, seed)))
+    tracker = get_cuda_rng_tracker()
+    cpu, streams = torch.get_rng_state(), tracker.get_states()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    for ell in (1, 2):  # the vocab-parallel table and the plain nn.Embedding
+        PrimeTransformer(_args(ell=ell))
+    assert cuda_seeded == []
+    assert torch.equal(torch.get_rng_state(), cpu)
+    after = tracker.get_states()
+    assert after.keys() == streams.keys() and all(torch.equal(after[k], streams[k]) for k in streams)
+    if torch.cuda.is_available():
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda))
+
+
+def test_initial_weights_are_the_layer_seeds_normal_draws(single_process):
+    """The keying itself: block i's qkv matrix is the first N(0, init_std) draw of the CPU stream
+    seeded seed · 1000003 + 7919 · (i + 1), whatever the global generators' states."""
+    from prime_scale.model import Block
+
+    args = _args()
+    torch.manual_seed(99)
+    block = Block(args, layer_index=1)
+    expected = torch.empty(3 * args.hidden, args.hidden)
+    expected.normal_(0.0, args.init_std, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + 7919 * 2))
+    assert torch.equal(block.qkv.weight.detach(), expected)
+
+
 def test_parameter_and_flop_counts_match_the_built_model(single_process):
     from prime_scale.model import PrimeTransformer, count_parameters, train_flops_per_token
 

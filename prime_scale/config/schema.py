@@ -30,6 +30,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    recompute: Literal["none", "selective", "full"] = "none"  # activations recomputed in the backward pass
 
 
 @dataclass
@@ -149,6 +150,10 @@ DOCS: dict[str, str] = {
     "model.rotary_base": "base of the rotary position frequencies",
     "model.norm_eps": "epsilon of the LayerNorms",
     "model.init_std": "standard deviation of the normal weight initialisation",
+    "model.recompute": "activation recompute in training: none = keep every activation for the backward "
+                       "pass; selective = recompute the attention core (rotary, scores, softmax, dropout, "
+                       "weighted sum) in the backward pass; full = keep only each block's input and recompute "
+                       "the whole block (least memory, about one more forward of the blocks per step)",
     "optim.lr": "peak learning rate (AdamW), reached after the warm-up",
     "optim.betas": "AdamW (β1, β2): two numbers in [0, 1)",
     "optim.eps": "AdamW epsilon",

@@ -8,6 +8,8 @@
 - Blocks: rotary positions, torch scaled_dot_product_attention (no mask: bidirectional, so the GPU
   gets its flash/efficient kernels), MLP × mlp_ratio, dropout; the linear layers are megatron-core's
   ColumnParallelLinear / RowParallelLinear, so attention heads and the MLP width split over TP.
+  model.recompute drops the attention core's (selective) or the whole block's (full) activations
+  after the forward and recomputes them in the backward pass, with the forward's RNG state.
 - Output: V logits, split over TP ranks (vocab-parallel); losses run on the shards
   (model/vocab_parallel.py). The vocabulary is padded to a multiple of TP; padding classes are
   never allowed by the loss, start at zero and get zero gradient.
@@ -96,9 +98,15 @@ def _normal(std: float, rows: Optional[int] = None):
 
 @contextlib.contextmanager
 def _layer_seed(args: ModelArgs, index: int):
-    """Initial weights keyed by (seed, layer index), whichever process builds the layer."""
+    """Initial weights keyed by (seed, layer index), whichever process builds the layer.
+
+    Every initial draw is made on the host from the global CPU generator (megatron's CPU
+    initialisation hands init_method a host tensor; nn.Embedding's own reset draws there too), so
+    that generator alone is seeded for the layer and restored afterwards. torch.manual_seed would
+    also seed every CUDA generator, which a CPU-only fork does not restore: each rank's dropout
+    stream would be left at the last layer's seed, the same on every data-parallel replica."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed * 1_000_003 + 7919 * (index + 1))
+        torch.default_generator.manual_seed(args.seed * 1_000_003 + 7919 * (index + 1))
         yield
 
 
@@ -162,8 +170,64 @@ class Rotary:
         return x * cos + rotated * sin
 
 
+# --------------------------------------------------------------------------- activation recompute
+
+
+def _copied_rng_states(states: dict) -> dict:
+    # megatron's tracker hands out its live states: a graph-safe one is a Generator, advanced in place
+    return {name: s.clone_state() if isinstance(s, torch.Generator) else s.clone() for name, s in states.items()}
+
+
+class _ReplayTrackerStates:
+    """Recompute context: megatron's TP-rank dropout streams as they were at the forward, for the
+    recompute only. torch's checkpoint replays the global CPU and CUDA generators, but not the
+    tracker's named streams, which attention dropout forks; by the backward pass they have moved
+    on (later micro-batches and pipeline forwards draw from them). Reusable: a retained graph may
+    recompute twice."""
+
+    def __init__(self):
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        self.tracker = get_cuda_rng_tracker()
+        self.at_forward = _copied_rng_states(self.tracker.get_states())
+
+    def __enter__(self):
+        self.outside = self.tracker.get_states()
+        self.tracker.set_states(_copied_rng_states(self.at_forward))
+
+    def __exit__(self, *exc):
+        self.tracker.set_states(self.outside)  # the streams continue from where the training left them
+
+
+def _recomputed(fn, *inputs: torch.Tensor, uses_tp_stream: bool) -> torch.Tensor:
+    """fn(*inputs), keeping only the inputs for the backward pass: fn runs again there, with the RNG
+    state of the forward, so dropout masks (and the values) come out bitwise the same. Non-reentrant
+    checkpoint keeps autograd's graph as it is (the TP layers' backward all-reduces stay where they
+    were; the forward all-reduces inside fn run again, on every TP peer alike) and works under
+    DeepSpeed's pipeline engine, whose backward calls torch.autograd.backward on stage outputs."""
+    from torch.utils.checkpoint import checkpoint
+
+    def contexts():
+        return contextlib.nullcontext(), (_ReplayTrackerStates() if uses_tp_stream else contextlib.nullcontext())
+
+    return checkpoint(fn, *inputs, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+
+
 class Block(PrimeLayer):
-    """Pre-norm bidirectional transformer block with TP-split attention heads and MLP."""
+    """Pre-norm bidirectional transformer block with TP-split attention heads and MLP.
+
+    model.recompute (training with autograd on; evaluation never recomputes):
+    - full: only the block's input is kept, the whole block runs again in the backward pass.
+    - selective: the attention core (rotary, SDPA with its dropout, the merge of the heads) runs again,
+      as in Megatron's selective recompute. Kept: its input, the qkv projection [B, L, 3·D/TP], and
+      its output (proj's saved input; with a fused kernel the same storage as SDPA's output). Freed:
+      the rotated q and k (2 × [B, L, D/TP]), SDPA's log-sum-exp, and, where SDPA takes its math path
+      (on CPU whenever dropout is on), the [B, H/TP, L, L] scores, probabilities and dropout mask:
+      the block's largest activations for the least work to redo (no weights, no collectives).
+      With a fused kernel (GPU; CPU without dropout) the saving is the rotated q and k. The MLP
+      activation is left out: GELU's output is fc2's saved input, which only a region that also
+      redoes fc2's matmul and all-reduce could free.
+    """
 
     def __init__(self, args: ModelArgs, layer_index: int):
         super().__init__()
@@ -192,11 +256,23 @@ class Block(PrimeLayer):
         self.rotary = Rotary(args.head_dim, args.rotary_base)
         self.drop = nn.Dropout(args.dropout)
 
+    def _recomputes(self, mode: str) -> bool:
+        return self.args.recompute == mode and self.training and torch.is_grad_enabled()
+
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, _ = x.shape
         qkv, _ = self.qkv(x)
+        if self._recomputes("selective"):
+            out = _recomputed(self.attention_core, qkv, uses_tp_stream=self.args.dropout > 0)
+        else:
+            out = self.attention_core(qkv)
+        out, _ = self.proj(out)
+        return out
+
+    def attention_core(self, qkv: torch.Tensor) -> torch.Tensor:
+        """This rank's heads: qkv [B, L, 3·D/TP] -> attention output [B, L, D/TP], before proj."""
+        B, L, _ = qkv.shape
         q, k, v = qkv.view(B, L, self.local_heads, 3, self.args.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
-        cos, sin = self.rotary.tables(L, x.device, q.dtype)
+        cos, sin = self.rotary.tables(L, qkv.device, q.dtype)
         q, k = Rotary.rotate(q, cos, sin), Rotary.rotate(k, cos, sin)
         p = self.args.dropout if self.training else 0.0
         if p > 0:
@@ -207,10 +283,14 @@ class Block(PrimeLayer):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        out, _ = self.proj(out.transpose(1, 2).reshape(B, L, self.local_heads * self.args.head_dim))
-        return out
+        return out.transpose(1, 2).reshape(B, L, self.local_heads * self.args.head_dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self._recomputes("full"):
+            return _recomputed(self.body, h, uses_tp_stream=self.args.dropout > 0)
+        return self.body(h)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.drop(self.attention(self.norm1(h)))
         up, _ = self.fc1(self.norm2(h))
         down, _ = self.fc2(F.gelu(up))
