@@ -29,11 +29,19 @@ class LoadedModel:
     tokenizer_dir: Optional[Path]
     source: Path
     weights: str  # "ema" or "raw": which weights of the run these are
+    device: torch.device = torch.device("cpu")  # where the model lives: this rank's GPU when there is one
 
     @torch.no_grad()
     def logits(self, yt: torch.Tensor) -> torch.Tensor:
-        """yt [B, L*ell] -> logits [B, L, V] (the padded vocabulary rows, if any, dropped)."""
-        return self.model(yt)[..., : self.vocab_size].float()
+        """yt [B, L*ell] -> logits [B, L, V] on the model's device (the padded vocabulary rows, if
+        any, dropped)."""
+        return self.model(yt.to(self.device))[..., : self.vocab_size].float()
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator on the model's device, seeded with `seed`: the sampler draws where the logits
+        are (the same seed gives the same samples on the same kind of device; CUDA's stream is not
+        the CPU's)."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
 
 def is_consolidated(path: Path) -> bool:
@@ -77,16 +85,17 @@ def load_model(ref: str | Path, weights: str = "auto") -> Iterator[LoadedModel]:
         tree["model"] = {**tree.get("model", {}), "vocab_size": int(meta["vocab_size"]), "dropout": 0.0}
         tree["train"] = {**tree.get("train", {}), "micro_batch": 1, "global_batch": 1}
         cfg = config_from_dict(tree, where=f"{folder}/config.json")
-        state.init(cfg)
+        par = state.init(cfg)
         try:
             model = PrimeTransformer(ModelArgs.from_config(cfg, cfg.model.vocab_size))
             # a sharded checkpoint's temporary conversion is named by the checkpoint it came from
             where = None if folder == Path(ref) else f"{ref} (converted for loading)"
             load_consolidated_into(model, folder, name_map=name_map(model), where=where)
-            model.eval()
+            # loaded on the host, run on this rank's GPU where there is one (fp32, the exported weights)
+            model.to(par.device).eval()
             tok = folder / "tokenizer"
             yield LoadedModel(model, cfg, cfg.model.vocab_size, cfg.model.ell,
-                              tok if tok.is_dir() else None, Path(ref), meta.get("weights", "raw"))
+                              tok if tok.is_dir() else None, Path(ref), meta.get("weights", "raw"), par.device)
         finally:
             state.destroy()
 
@@ -109,7 +118,8 @@ def generate(loaded: LoadedModel, *, steps: int, num: int, length: Optional[int]
         prefix = torch.tensor([tok.bos_id, *tok.encode(prompt)], dtype=torch.long)
     result = ancestral_sample(loaded.logits, num, length, loaded.vocab_size, loaded.ell, steps,
                               top_p=top_p, temperature=temperature, prefix=prefix, carry_over=carry_over,
-                              generator=torch.Generator().manual_seed(seed))
+                              generator=loaded.generator(seed))
+    result = _on_host(result)
     special = {tok.bos_id, tok.pad_id, INVALID_TOKEN}
     texts = []
     for row in result.tokens.tolist():
@@ -118,6 +128,14 @@ def generate(loaded: LoadedModel, *, steps: int, num: int, length: Optional[int]
             body = body[: body.index(tok.eos_id)]
         texts.append(tok.decode(body))
     return texts, result
+
+
+def _on_host(result):
+    """The SampleResult with its tensors on the CPU (decoding and the callers' statistics read them)."""
+    import dataclasses
+
+    return dataclasses.replace(result, tokens=result.tokens.cpu(), subtokens=result.subtokens.cpu(),
+                               seq_idle_steps=result.seq_idle_steps.cpu())
 
 
 def recipe_of(ref: str | Path) -> Config:
@@ -160,7 +178,7 @@ def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optiona
 
     from prime_scale.data import build_loader
     from prime_scale.data.stats import SplitStats
-    from prime_scale.evaluation import evaluate_bound
+    from prime_scale.evaluation import EvalResult, estimate, objective_sums
 
     with load_model(ref, weights) as loaded:
         cfg = loaded.cfg
@@ -173,8 +191,14 @@ def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optiona
         cfg = dataclasses.replace(cfg, data=source)
         loader = build_loader(cfg, split, 0, 1, batch_size, cfg.seed, single_pass=True)
         batches = itertools.islice(iter(loader), max_batches)
-        result = evaluate_bound(loaded.logits, batches, vocab_size=loaded.vocab_size, ell=loaded.ell,
-                                seed=cfg.seed if seed is None else seed,
-                                mc_samples=mc_samples or cfg.eval.mc_samples, carry_over=cfg.model.carry_over,
-                                stats=SplitStats(loader.manifests, split, loader.weights))
+        # evaluation.evaluate_bound, with each noised batch moved to the model's device: the noise is
+        # drawn on the host (layout- and device-independent), the model and both losses run there
+        sums = objective_sums(loaded.logits, loaded.vocab_size, loaded.ell, cfg.model.carry_over)
+        seed = cfg.seed if seed is None else seed
+        mc_samples = mc_samples or cfg.eval.mc_samples
+        totals = estimate(lambda chunk: sums([b.to(loaded.device) for b in chunk]), ([b] for b in batches),
+                          vocab_size=loaded.vocab_size, ell=loaded.ell, seed=seed, mc_samples=mc_samples,
+                          stats=SplitStats(loader.manifests, split, loader.weights))
+        result = EvalResult.from_totals(totals, mc_samples=mc_samples, seed=seed, vocab_size=loaded.vocab_size,
+                                        ell=loaded.ell, carry_over=cfg.model.carry_over)
         return dataclasses.replace(result, weights=loaded.weights)

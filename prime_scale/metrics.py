@@ -37,9 +37,14 @@ def fmt_duration(seconds: float) -> str:
 def quiet_libraries() -> None:
     """Keep the console for our progress: DeepSpeed logs every set-up detail at INFO, and
     megatron-core warns about optional CUDA packages at import."""
+    import torch
+
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
-    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    if not torch.cuda.is_available():
+        # a CUDA setting, meaningless on the CPU. On a GPU the warning stays: parallel.state sets the
+        # variable for TP > 1 runs, so it appears only when the user's own value loses the overlap
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     from prime_scale.parallel.state import import_deepspeed
 
     import_deepspeed()

@@ -132,7 +132,21 @@ class Batch:
         return int(self.mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.x0.to(device), self.yt.to(device), self.t.to(device), self.mask.to(device))
+        """The batch on `device`. To a GPU: from page-locked memory without blocking the host (a
+        pageable, blocking copy waits for every kernel queued before it, i.e. the previous
+        micro-batch's backward). The copies are ordered on the current stream before any kernel
+        that reads them, and the caching host allocator keeps each pinned source until its copy is
+        done. make_batch checked the ids on the CPU, so nothing downstream reads them back."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return Batch(self.x0.to(device), self.yt.to(device), self.t.to(device), self.mask.to(device))
+
+        def copy(x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu" and not x.is_pinned():
+                x = x.pin_memory()
+            return x.to(device, non_blocking=True)
+
+        return Batch(copy(self.x0), copy(self.yt), copy(self.t), copy(self.mask))
 
     def labels(self):
         """What the loss needs: (x0, yt, t, mask); the last pipeline stage reads it directly."""

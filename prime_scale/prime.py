@@ -37,8 +37,10 @@ def base_for(vocab_size: int, ell: int) -> int:
 
 
 def _powers(vocab_size: int, ell: int, device) -> torch.Tensor:
+    """[b^(ell-1), ..., b, 1] made on `device` itself: torch.tensor(list, device=cuda) would be a
+    blocking copy from pageable host memory on every call (exact in int64: b^ell < 2·V·b)."""
     b = base_for(vocab_size, ell)
-    return torch.tensor([b ** (ell - 1 - j) for j in range(ell)], dtype=torch.long, device=device)
+    return torch.pow(b, torch.arange(ell - 1, -1, -1, dtype=torch.long, device=device))
 
 
 def digit_table(vocab_size: int, ell: int, device=None) -> torch.Tensor:
@@ -50,9 +52,15 @@ def subtokenize(ids: torch.Tensor, vocab_size: int, ell: int) -> torch.Tensor:
     """[..., L] token ids -> [..., L*ell] digits, token-major, most significant digit first.
     An id outside [0, V) would encode as some other token (or an invalid code): refused."""
     b = base_for(vocab_size, ell)
-    if ids.numel() and bool(((ids < 0) | (ids >= vocab_size)).any()):
-        bad = ids[(ids < 0) | (ids >= vocab_size)].flatten()[0]
-        raise ValueError(f"subtokenize: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    outside = (ids < 0) | (ids >= vocab_size)
+    if ids.device.type == "cpu":
+        if ids.numel() and bool(outside.any()):
+            bad = ids[outside].flatten()[0]
+            raise ValueError(f"subtokenize: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    elif ids.numel():
+        # an accelerator's ids are not read back (a host sync on every loss call): batches are checked
+        # on the CPU before they are copied (noise.make_batch); this device-side assertion is the backstop
+        torch._assert_async(~outside.any(), f"subtokenize: a token id is outside the vocabulary [0, {vocab_size})")
     digits = (ids.long().unsqueeze(-1) // _powers(vocab_size, ell, ids.device)) % b
     return digits.flatten(-2)
 

@@ -211,3 +211,33 @@ def test_changed_layout_is_refused_with_the_way_out(tmp_path):
             check_layout(saved, dict(saved["layout"], **change), tmp_path)
         assert "was written with tp=2 pp=1 dp=1 zero_stage=1 precision=fp32" in str(e.value)
         assert "prime-scale convert" in str(e.value)
+
+
+# --------------------------------------------------------------------------- CUDA RNG with fewer visible GPUs
+
+
+def test_cuda_rng_restore_with_fewer_visible_devices_takes_the_stream_the_rank_drew_on():
+    from prime_scale.checkpoint.rng import cuda_restore_plan
+
+    assert cuda_restore_plan(2, 8, 0, 0) == ([(0, 0), (1, 1)], [])  # every saved device visible: all
+    # 8 saved (8 visible GPUs, this rank computed on cuda:3), 1 visible now (--gpus-per-task=1)
+    assert cuda_restore_plan(8, 1, 3, 0) == ([(3, 0)], [0, 1, 2, 4, 5, 6, 7])
+    # an older checkpoint without the device index: the rank's LOCAL_RANK chose it
+    assert cuda_restore_plan(8, 1, None, 0, local_rank=5) == ([(5, 0)], [0, 1, 2, 3, 4, 6, 7])
+    assert cuda_restore_plan(8, 2, None, 1, local_rank=None) == ([(0, 1)], list(range(1, 8)))
+
+
+def test_rng_restore_of_a_state_with_more_cuda_states_than_devices_does_not_fail():
+    import torch
+
+    from prime_scale.checkpoint import rng
+
+    state = rng.capture()
+    one = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
+    state["torch_cuda"] = [one.clone() for _ in range(torch.cuda.device_count() + 4)]
+    state["torch_cuda_device"] = 2
+    if torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="not restored: saved devices"):
+            rng.restore(state)
+    else:
+        rng.restore(state)

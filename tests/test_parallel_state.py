@@ -81,3 +81,58 @@ def test_train_refuses_bad_layouts_and_launchers_before_building_anything(monkey
     for word in words:
         assert word in err, (word, err)
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- srun without torchrun
+
+SRUN = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+        "SLURM_JOB_NODELIST": "gpu[01-02]"}
+
+
+def test_srun_tasks_without_a_rendezvous_are_refused_with_the_launch_line():
+    with pytest.raises(UserError) as info:
+        read_launch_env(SRUN)
+    message = str(info.value)
+    assert "task 5 of an srun step of 8 tasks" in message and "MASTER_ADDR" in message
+    assert "scontrol show hostnames" in message and "torchrun --nnodes" in message
+
+
+def test_srun_tasks_with_a_rendezvous_map_slurms_ranks():
+    env = read_launch_env({**SRUN, "MASTER_ADDR": "gpu01", "MASTER_PORT": "29500"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
+    assert (env.master_addr, env.master_port) == ("gpu01", 29500)
+    uneven = {**SRUN, "SLURM_STEP_TASKS_PER_NODE": "4,3", "SLURM_STEP_NUM_TASKS": "7", "SLURM_NTASKS": "7",
+              "MASTER_ADDR": "gpu01", "MASTER_PORT": "29500"}
+    assert read_launch_env(uneven).local_world_size == 3
+
+
+def test_slurm_outside_a_step_and_torchrun_under_srun_keep_their_meaning():
+    batch_script = {k: v for k, v in SRUN.items() if not k.startswith("SLURM_STEP")}
+    assert read_launch_env(batch_script).world_size == 1  # the batch script's own single process
+    assert read_launch_env({**SRUN, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}).world_size == 1
+    torchrun = {**SRUN, "RANK": "2", "WORLD_SIZE": "16", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "8",
+                "MASTER_ADDR": "gpu01", "MASTER_PORT": "29400"}
+    env = read_launch_env(torchrun)  # torchrun's variables win over the srun step's
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (2, 16, 2, 8)
+
+
+# --------------------------------------------------------------------------- the GPU a rank uses
+
+
+def test_one_visible_gpu_per_process_is_used_whatever_the_local_rank():
+    from prime_scale.parallel.state import gpu_index
+
+    assert gpu_index(3, 8) == 3
+    assert gpu_index(3, 1) == 0  # srun --gpus-per-task=1: LOCAL_RANK 3 sees one GPU, its own
+    with pytest.raises(UserError, match="LOCAL_RANK=3 but this process sees 2 GPU"):
+        gpu_index(3, 2)
+
+
+def test_cuda_device_max_connections_is_set_for_gpu_tensor_parallel_runs_only():
+    from prime_scale.parallel.state import tp_overlap_env
+
+    assert tp_overlap_env(2, True, {}) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    assert tp_overlap_env(1, True, {}) == {}  # no TP all-reduce to overlap: ZeRO's streams keep theirs
+    assert tp_overlap_env(2, False, {}) == {}
+    assert tp_overlap_env(2, True, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}) == {}  # the user's own value

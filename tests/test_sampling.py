@@ -241,3 +241,16 @@ def test_bad_arguments_are_user_errors():
             ancestral_sample(fn, 2, 4, 5, 2, **args)
     with pytest.raises(ValueError, match="shape"):
         ancestral_sample(fixed_logits(torch.zeros(3, 5)), 2, 4, 5, 2, 4)
+
+
+def test_a_loaded_models_cpu_generator_is_the_plain_seeded_one():
+    """inference draws on the model's device; on the CPU that is exactly the generator it used before."""
+    from prime_scale.inference import LoadedModel
+
+    loaded = LoadedModel(None, None, 10, 2, None, None, "raw")
+    assert loaded.device == torch.device("cpu")
+    V, ell, L = 10, 2, 6
+    table = torch.randn(L, V, generator=torch.Generator().manual_seed(0))
+    a = ancestral_sample(fixed_logits(table), 4, L, V, ell, 10, generator=loaded.generator(7))
+    b = ancestral_sample(fixed_logits(table), 4, L, V, ell, 10, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.tokens, b.tokens) and a.nfe == b.nfe

@@ -25,6 +25,15 @@ rank), log S_j exactly from the unclamped logits of those positions only: a per-
 fp32 logits are kept for the backward pass, which overwrites their gradient rows with the exact
 form. Ordinary logits never take this path: the fast path's cost and collectives are unchanged.
 
+Host synchronisation. On an accelerator the training loss reads nothing back to the host: the check
+for inconsistent input is a device-side assertion (the batch's ids were checked on the CPU before
+it was copied, noise.make_batch), and with gradients on, the exact rows are taken as a fixed number
+(EXACT_CAPACITY, or every position when there are fewer) chosen on the device, so the collectives
+have a shape the host knows without counting. Positions beyond that capacity (more than
+EXACT_CAPACITY in one call) keep the fast path's floored mass: their digit cost is capped near
+87 + log Z nats; they are counted on the device (take_exact_overflow). On the CPU a host read costs
+nothing: the rows are counted exactly, and evaluation (no gradient) counts them on any device.
+
 Definitions follow prime_scale.prime exactly (docs/method.md); tests compare against it on the
 gathered tensors. All arithmetic is fp32 whatever the logits' dtype.
 """
@@ -32,6 +41,7 @@ gathered tensors. All arithmetic is fp32 whatever the logits' dtype.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,6 +58,19 @@ EXP_FLOOR = -87.0
 # floor adds at most V·e^-87 ≈ V·1.6e-38 to a mass: below 1e-12 relative above the threshold for
 # any V < 1e8, and only a digit costing over 46 nats falls under it, so the exact path stays rare
 EXACT_BELOW = 1e-20
+# positions the exact path takes per loss call where their count is not read back to the host
+# (training on an accelerator): 1024 rows cost ≲1% of the fast path at 64 × 1024 positions
+EXACT_CAPACITY = 1024
+_OVERFLOW: dict = {}  # device -> positions beyond the capacity, accumulated on that device
+
+
+def take_exact_overflow() -> int:
+    """Positions since the last call whose exact mass the fixed capacity left out (their cost was
+    capped, see the module docstring); resets the count. Reads the device: call it where the host
+    synchronises anyway (the step's logging)."""
+    total = sum(int(v) for v in _OVERFLOW.values() if not getattr(v, "is_meta", False))  # meta: shapes only
+    _OVERFLOW.clear()
+    return total
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,6 +102,9 @@ def _restricted_logits(logits, yt, vocab_size: int, ell: int, vocab_start: int, 
     """fp32 copy of the logits shard with carry-over's excluded classes at ≈ −1e30 (ℓ > 1) and the
     padding classes at −inf. For ℓ = 1 carry-over acts through the row weights instead."""
     B, L, local = logits.shape
+    # exactly one private fp32 tensor of the shard's size: bf16's .float() already is a copy (a
+    # .clone() after it, or addmm's output next to it, doubled the peak: 13 GB at owt-base's B = 64)
+    copied = logits.dtype != torch.float32
     if carry_over and ell > 1:
         b = prime.base_for(vocab_size, ell)
         y = yt.reshape(B * L, ell)
@@ -86,9 +112,13 @@ def _restricted_logits(logits, yt, vocab_size: int, ell: int, vocab_start: int, 
         exclude = (y != b).unsqueeze(-1) & (digits != y.unsqueeze(-1))  # [B·L, ℓ, b]
         penalty = torch.where(exclude, EXCLUDED, 0.0).view(B * L, ell * b)
         onehot = _digit_onehot(vocab_size, ell, vocab_start, local, str(logits.device))
-        z = torch.addmm(logits.reshape(B * L, local).float(), penalty, onehot.t()).view(B, L, local)
+        flat = logits.reshape(B * L, local)
+        if copied:
+            z = flat.float().addmm_(penalty, onehot.t()).view(B, L, local)
+        else:
+            z = torch.addmm(flat, penalty, onehot.t()).view(B, L, local)
     else:
-        z = logits.float().clone()
+        z = logits.float() if copied else logits.clone()
     valid = min(max(vocab_size - vocab_start, 0), local)
     if valid < local:
         z[..., valid:] = float("-inf")
@@ -104,9 +134,15 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
 def _shift_by_max(z, group, vocab_size):
     """(z − max in place, max [B, L]), with the max of the allowed logits all-reduced over the shards."""
     zmax = _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group)
-    if bool((zmax < EXCLUDED / 2).any()):
-        raise ValueError("vocab-parallel Prime loss: a position's visible digits match no valid token "
-                         f"(a code >= V={vocab_size}); yt is not a noised valid sequence")
+    bad = (zmax < EXCLUDED / 2).any()
+    message = ("vocab-parallel Prime loss: a position's visible digits match no valid token "
+               f"(a code >= V={vocab_size}); yt is not a noised valid sequence")
+    if zmax.device.type == "cpu":
+        if bool(bad):
+            raise ValueError(message)
+    else:
+        # no host read on an accelerator: a batch of make_batch was checked on the CPU already
+        torch._assert_async(~bad, message)
     return z.sub_(zmax.unsqueeze(-1)), zmax
 
 
@@ -149,7 +185,33 @@ def _exact_rows(logits, rows, x0, yt, key, carry_over: bool, group):
     return x, target, shift, _all_reduce(torch.stack(below, -1), dist.ReduceOp.SUM, group).log()
 
 
-def _elbo_forward(logits, z, zmax, x0, yt, masked, key, carry_over: bool, group):
+def _static_rows(flag: torch.Tensor, capacity: int):
+    """The first min(capacity, N) flagged positions of flag [N], chosen on the device: (rows [k]
+    long, live [k] bool: the slot holds a flagged row, the others hold row 0; take0: row 0 is
+    flagged and so in slot 0, overflow: flagged rows beyond the capacity, a device scalar)."""
+    n = flag.numel()
+    k = min(capacity, n)
+    slot = flag.long().cumsum(0) - 1  # the k-th flagged row goes to slot k
+    take = flag & (slot < k)
+    # rows not taken all land in the extra slot k, which is dropped: a duplicate there is harmless
+    rows = torch.zeros(k + 1, dtype=torch.long, device=flag.device).scatter_(
+        0, torch.where(take, slot, k), torch.arange(n, device=flag.device))[:k]
+    count = take.sum()
+    live = torch.arange(k, device=flag.device) < count
+    return rows, live, take[:1], flag.sum() - count
+
+
+def _write_rows(target: torch.Tensor, rows, values, live, take0) -> None:
+    """target[rows] = values, where the slots that are not live (they point at row 0) write row 0's
+    own final value: every write to one row is then the same, so the result does not depend on the
+    order of the duplicates."""
+    if live is not None:
+        pad = torch.where(take0, values[0], target[0])
+        values = torch.where(live.unsqueeze(-1), values, pad)
+    target.index_copy_(0, rows, values)
+
+
+def _elbo_forward(logits, z, zmax, x0, yt, masked, key, carry_over: bool, group, capacity=None):
     """(Σ_j m_j (log Z − log S_j) [B, L], the tensors backward needs) from the shifted logits z,
     which become e in place. Positions where a masked S_j < EXACT_BELOW get log S_j from _exact_rows."""
     vocab_size, ell, vocab_start, local, _ = key
@@ -164,14 +226,21 @@ def _elbo_forward(logits, z, zmax, x0, yt, masked, key, carry_over: bool, group)
     # S_j ≥ the floored mass of its group > 0, so the log is finite; exact below the threshold
     log_s = sums[..., 1:].clamp_min(torch.finfo(torch.float32).tiny).log()
     # decided on all-reduced sums and on yt alone: every rank flags the same rows, so every rank
-    # issues the same collectives (or none)
-    rows = (masked & (sums[..., 1:] < EXACT_BELOW)).any(-1).view(-1).nonzero().squeeze(-1)
-    exact = (None,) * 6
+    # issues the same collectives (or none). With a capacity, the shapes come from B·L alone and
+    # nothing is read back to the host (see the module docstring)
+    flag = (masked & (sums[..., 1:] < EXACT_BELOW)).any(-1).view(-1)
+    exact = (None,) * 8
+    if capacity is None:
+        rows, live, take0 = flag.nonzero().squeeze(-1), None, None
+    else:
+        rows, live, take0, overflow = _static_rows(flag, capacity)
+        device = str(flag.device)
+        _OVERFLOW[device] = _OVERFLOW.get(device, 0) + overflow
     if rows.numel():
         x_rows, target_rows, shift, log_sum = _exact_rows(logits, rows, x0, yt, key, carry_over, group)
         zmax_rows = zmax.reshape(-1).index_select(0, rows)
-        log_s.view(B * L, ell).index_copy_(0, rows, (shift - zmax_rows.unsqueeze(-1)) + log_sum)
-        exact = (rows, x_rows, target_rows, shift, log_sum, zmax_rows)
+        _write_rows(log_s.view(B * L, ell), rows, (shift - zmax_rows.unsqueeze(-1)) + log_sum, live, take0)
+        exact = (rows, x_rows, target_rows, shift, log_sum, zmax_rows, live, take0)
     nll = torch.where(masked, sums[..., :1].log() - log_s, torch.zeros_like(log_s)).sum(-1)
     return nll, (e, sums, cols, masked, *exact)
 
@@ -204,7 +273,7 @@ class _PrimeNLL(torch.autograd.Function):
     The ELBO's rows beyond the exp floor use the same formula in log space (_exact_grad)."""
 
     @staticmethod
-    def forward(ctx, logits, x0, yt, t, vocab_size, ell, vocab_start, objective, carry_over, group):
+    def forward(ctx, logits, x0, yt, t, vocab_size, ell, vocab_start, objective, carry_over, group, capacity):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}: use one of {OBJECTIVES}")
         B, L, local = logits.shape
@@ -217,7 +286,7 @@ class _PrimeNLL(torch.autograd.Function):
         ctx.use_digits = objective == "prime_elbo" and ell > 1
         ctx.logits_dtype = logits.dtype
         if ctx.use_digits:
-            nll, saved = _elbo_forward(logits, z, zmax, x0, yt, masked, ctx.key, carry_over, group)
+            nll, saved = _elbo_forward(logits, z, zmax, x0, yt, masked, ctx.key, carry_over, group, capacity)
             ctx.save_for_backward(*saved, t)
             return nll / t
         x0_local = x0.long() - vocab_start
@@ -247,8 +316,8 @@ class _PrimeNLL(torch.autograd.Function):
             w = torch.where(counts, grad_nll.float() / t, torch.zeros_like(t))
             grad = e.mul_((w / sums[..., 0]).unsqueeze(-1))
             grad.scatter_add_(-1, idx, torch.where(owned, -w, torch.zeros_like(w)).unsqueeze(-1))
-            return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
-        e, sums, cols, masked, rows, x_rows, target_rows, shift, log_sum, zmax_rows, t = ctx.saved_tensors
+            return grad.to(ctx.logits_dtype), *(None,) * 10
+        e, sums, cols, masked, rows, x_rows, target_rows, shift, log_sum, zmax_rows, live, take0, t = ctx.saved_tensors
         B, L, local = e.shape
         onehot = _digit_onehot(*ctx.key)
         w = grad_nll.float() / t  # [B, L]
@@ -265,13 +334,20 @@ class _PrimeNLL(torch.autograd.Function):
             masked_rows = masked.reshape(B * L, -1).index_select(0, rows)
             exact = _exact_grad(x_rows, target_rows, shift, log_sum, zmax_rows, log_z, masked_rows,
                                 w.reshape(-1).index_select(0, rows), _local_digits(*ctx.key))
-            grad.view(B * L, local).index_copy_(0, rows, exact)
-        return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
+            _write_rows(grad.view(B * L, local), rows, exact, live, take0)
+        return grad.to(ctx.logits_dtype), *(None,) * 10
 
 
 def prime_loss_parallel(logits_shard, x0, yt, t, attention_mask, vocab_size: int, ell: int, *,
-                        vocab_start: int, group=None, objective: str = "prime_elbo", carry_over: bool = True):
+                        vocab_start: int, group=None, objective: str = "prime_elbo", carry_over: bool = True,
+                        exact_capacity: Optional[int] = None):
     """(nll [B, L], mean) of the chosen objective from this rank's logits shard. Every rank of the
-    tensor-parallel `group` gets the same values; gradients flow to the local shard only."""
-    nll = _PrimeNLL.apply(logits_shard, x0, yt, t, vocab_size, ell, vocab_start, objective, carry_over, group)
+    tensor-parallel `group` gets the same values; gradients flow to the local shard only.
+    exact_capacity: the exact rows' fixed count (no host read); None chooses EXACT_CAPACITY when
+    training on an accelerator, and an exact count otherwise (module docstring)."""
+    capacity = exact_capacity
+    if capacity is None and logits_shard.device.type != "cpu" and torch.is_grad_enabled():
+        capacity = EXACT_CAPACITY  # decided here: inside the Function's forward grad mode is off
+    nll = _PrimeNLL.apply(logits_shard, x0, yt, t, vocab_size, ell, vocab_start, objective, carry_over, group,
+                          capacity)
     return prime.attended_mean(nll, attention_mask)

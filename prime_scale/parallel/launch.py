@@ -60,14 +60,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SLURM_HELP = ("under srun, either give every task the rendezvous and let prime-scale read SLURM's ranks:\n"
+              "  export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) MASTER_PORT=29500\n"
+              "  srun --ntasks-per-node=GPUS --gpus-per-task=1 python -m prime_scale.cli.train RECIPE ...\n"
+              "or start one torchrun per node:\n"
+              "  srun --ntasks-per-node=1 torchrun --nnodes \"$SLURM_NNODES\" --nproc-per-node GPUS "
+              "--rdzv-backend c10d --rdzv-endpoint \"$MASTER_ADDR:29500\" -m prime_scale.cli.train RECIPE ...")
+
+
+def _tasks_on_node(spec: str, node: int) -> Optional[int]:
+    """This node's task count from SLURM's compressed per-node list: "4(x2),3" = 4, 4, 3."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "(x" in part:
+                n, times = part.rstrip(")").split("(x")
+                counts += [int(n)] * int(times)
+            else:
+                counts.append(int(part))
+        except ValueError:
+            return None
+    return counts[node] if 0 <= node < len(counts) else None
+
+
+def _slurm_env(environ: Mapping[str, str]) -> Optional[LaunchEnv]:
+    """The layout of an srun step with several tasks and no torchrun (no RANK): SLURM_PROCID,
+    SLURM_LOCALID and the step's task counts, mapped only when MASTER_ADDR/MASTER_PORT are given
+    (the first node's name needs scontrol); without them, a clear refusal instead of N separate
+    world-1 runs. Outside a step (a batch script's own process), SLURM's counts describe the
+    allocation, not this process: None, one process as before."""
+    if "SLURM_STEP_ID" not in environ and "SLURM_STEP_NUM_TASKS" not in environ:
+        return None
+    world = _int_var(environ, "SLURM_STEP_NUM_TASKS") or _int_var(environ, "SLURM_NTASKS")
+    rank = _int_var(environ, "SLURM_PROCID")
+    if world is None or rank is None or world <= 1:
+        return None
+    addr, port = environ.get("MASTER_ADDR"), _int_var(environ, "MASTER_PORT")
+    if not addr or port is None:
+        raise UserError(f"this is task {rank} of an srun step of {world} tasks, but RANK/WORLD_SIZE (torchrun) "
+                        "and MASTER_ADDR/MASTER_PORT are not set, so the tasks cannot meet (each would train "
+                        f"alone on one GPU); {SLURM_HELP}")
+    local_rank = _int_var(environ, "SLURM_LOCALID")
+    node = _int_var(environ, "SLURM_NODEID") or 0
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
+    local_world = _tasks_on_node(spec, node) if spec else _int_var(environ, "SLURM_NTASKS_PER_NODE")
+    if local_rank is None or local_world is None:
+        raise UserError(f"srun step of {world} tasks: SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE are needed to "
+                        f"place task {rank} on its node; {SLURM_HELP}")
+    if rank >= world or local_rank >= local_world:
+        raise UserError(f"srun step: SLURM_PROCID={rank} / SLURM_LOCALID={local_rank} do not fit {world} tasks, "
+                        f"{local_world} on this node; {SLURM_HELP}")
+    return LaunchEnv(rank, world, local_rank, local_world, addr, port)
+
+
 def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     """The rank layout the launcher gave this process. No launcher variables at all means a
-    single process. A partial or inconsistent set is an error naming the variable."""
+    single process; an srun step of several tasks without torchrun is read from SLURM's variables
+    (with MASTER_ADDR/MASTER_PORT given) or refused. A partial or inconsistent set is an error
+    naming the variable."""
     environ = os.environ if environ is None else environ
     rank, world = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
     local_rank = _int_var(environ, "LOCAL_RANK")
     if rank is None and world is None and local_rank is None:
-        return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port())
+        slurm = _slurm_env(environ)
+        return slurm if slurm is not None else LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port())
     missing = [n for n, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)) if v is None]
     if missing:
         raise UserError(f"launcher environment incomplete: {', '.join(missing)} not set while "

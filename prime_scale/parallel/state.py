@@ -20,6 +20,7 @@ import datetime
 import importlib
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -79,9 +80,33 @@ def get_state() -> ParallelState:
     return _STATE
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU a rank uses among the `visible` ones: its LOCAL_RANK, or the only one there is
+    (one GPU per process: srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s); launch at most one "
+                    "process per GPU (or give each process exactly one, e.g. srun --gpus-per-task=1)")
+
+
 def compute_device(local_rank: int) -> torch.device:
     """The device a rank computes on: its GPU, or the CPU on a machine without CUDA."""
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
+
+
+def tp_overlap_env(tp: int, use_cuda: bool, environ: Mapping[str, str]) -> dict:
+    """The variables to set before CUDA starts: megatron's TP linear layers issue the input
+    gradient's all-reduce asynchronously and rely on CUDA_DEVICE_MAX_CONNECTIONS=1 to have it
+    scheduled before the weight-gradient GEMM, so the two overlap (megatron warns otherwise). The
+    driver reads it when the CUDA context is created: only then, only for GPU runs with TP > 1,
+    and never over the user's own value."""
+    if use_cuda and tp > 1 and "CUDA_DEVICE_MAX_CONNECTIONS" not in environ:
+        return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    return {}
 
 
 def collective_device() -> torch.device:
@@ -129,11 +154,15 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
     torch.set_num_threads(threads)
 
     use_cuda = torch.cuda.is_available()
+    overlap = tp_overlap_env(tp, use_cuda, os.environ)
+    if overlap:
+        if torch.cuda.is_initialized():  # too late for this process: say so instead of silently losing it
+            warnings.warn("CUDA was initialised before the parallel state: CUDA_DEVICE_MAX_CONNECTIONS=1 "
+                          "cannot take effect (TP all-reduce/GEMM overlap lost); export it in the launch "
+                          "environment", stacklevel=2)
+        os.environ.update(overlap)
     if use_cuda:
-        if env.local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
-                            "launch at most one process per GPU")
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(gpu_index(env.local_rank, torch.cuda.device_count()))
     backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
