@@ -29,6 +29,7 @@ import torch
 from prime_scale import evaluation, metrics
 from prime_scale.config import Config
 from prime_scale.errors import OK, PREEMPTED, UserError
+from prime_scale.model.vocab_parallel import take_exact_overflow
 from prime_scale.noise import make_batch
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a scheduler's preemption notice, a user's request, Ctrl-C
@@ -242,7 +243,10 @@ class Trainer:
                           "lr": result.lr, "skipped_steps": self.state.skipped_steps,
                           "grad_norm": sum(window_norms) / len(window_norms) if window_norms else None,
                           "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
-                          "tokens_seen": self.state.tokens_seen}
+                          "tokens_seen": self.state.tokens_seen,
+                          # GPU training: extreme-logit positions beyond the loss's exact capacity (this
+                          # rank, since the last record; read here, where the host syncs anyway)
+                          "capped_positions": take_exact_overflow()}
                 window_time, window_steps, window_loss, window_norms = 0.0, 0, [], []
             if self.val_loader is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or last):
                 with _rng_untouched():  # validating must not change the training that follows

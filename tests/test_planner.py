@@ -24,7 +24,13 @@ import pytest
 from harness.dist import launch
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = [("prime-7b", 64), ("prime-1b", 8), ("prime-1b", 64), ("owt-base", 8), ("tiny-cpu", 1)]
+# every shipped recipe at the GPU counts it is meant for
+SHIPPED = [("prime-7b", 64), ("prime-1b", 8), ("prime-1b", 64), ("owt-base", 8), ("owt-mdlm", 8), ("owt-prime-l2", 8),
+           ("owt-prime-l4", 8), ("owt-prime-l6", 8), ("tiny-cpu", 1)]
+
+
+def test_every_shipped_recipe_is_planned_here():
+    assert {name for name, _ in SHIPPED} == {p.stem for p in (REPO / "recipes").glob("*.yaml")}
 
 
 def _plan(recipe, gpus, overrides=(), gpu="h100-80gb", vocab=4096):

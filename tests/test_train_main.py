@@ -16,7 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.layers=2", "model.hidden=64", "model.heads=2", "optim.warmup_steps=5", "optim.lr=3e-3",
         "train.global_batch=8", "train.micro_batch=8", "train.log_every=5", "eval.batches=1", "eval.mc_samples=1"]
-REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"}
+REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "capped_positions"}
 
 
 def _train(args, run_dir, timeout=300):
