@@ -20,3 +20,21 @@ def _demo_and_cache_outside_the_repository(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _own_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """One-process parallel state in this process (world 1: gloo on the CPU, NCCL on a GPU, megatron's
+    RNG tracker seeded), torn down and the launcher environment restored after the module."""
+    saved = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(key, None)
+    from prime_scale.config import load_recipe
+    from prime_scale.parallel import state
+
+    state.init(load_recipe("tiny-cpu", ["model.vocab_size=100"]))
+    yield state.get_state()
+    state.destroy()
+    os.environ.clear()
+    os.environ.update(saved)
+

@@ -67,22 +67,6 @@ def _assert_trained_on_cuda(proc: subprocess.CompletedProcess, run: Path, steps:
     return losses
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    """One-process parallel state in this process (world 1, NCCL on the GPU), torn down after."""
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        os.environ.pop(key, None)
-    from prime_scale.config import load_recipe
-    from prime_scale.parallel import state
-
-    state.init(load_recipe("tiny-cpu", ["model.vocab_size=100"]))
-    yield state.get_state()
-    state.destroy()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _args(**kw):
     from prime_scale.config import ModelConfig
     from prime_scale.model import ModelArgs

@@ -3,28 +3,11 @@ layer-keyed initialisation, parameter and FLOP counts."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from prime_scale import noise, prime
-from prime_scale.config import load_recipe
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    """One-process parallel state (world 1, gloo), torn down and the environment restored after."""
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        os.environ.pop(key, None)
-    from prime_scale.parallel import state
-
-    state.init(load_recipe("tiny-cpu", ["model.vocab_size=100"]))
-    yield
-    state.destroy()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _args(**kw):

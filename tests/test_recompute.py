@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -135,22 +134,6 @@ def test_recompute_saves_less_in_every_layout(layouts, layout):
 
 
 # --------------------------------------------------------------------------- one process
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    """One-process parallel state (world 1, gloo): megatron's RNG tracker is seeded."""
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        os.environ.pop(key, None)
-    from prime_scale.config import load_recipe
-    from prime_scale.parallel import state
-
-    state.init(load_recipe("tiny-cpu", ["model.vocab_size=100"]))
-    yield
-    state.destroy()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _blocks(mode: str, layers=3, hidden=64, heads=4, dropout=0.1):
