@@ -100,6 +100,13 @@ def _alive(pid: int) -> bool:
     return stat is not None and stat[0] != "Z"  # a zombie is dead, only not reaped yet
 
 
+def _assert_all_die(pids: list[int], what: str, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids), what
+
+
 def _assert_refused(result: subprocess.CompletedProcess, holder_pid: int, key: str = "run.dir") -> None:
     assert result.returncode == 2, result.stderr[-3000:]
     err = result.stderr
@@ -169,10 +176,7 @@ def test_the_nproc_launcher_holds_the_lock_and_its_ranks_die_with_it(tmp_path):
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait()
         at_kill = _newest(run)
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(_alive(pid) for pid in ranks), "the ranks outlived their launcher"
+        _assert_all_die(ranks, "the ranks outlived their launcher")
         steps = len(_records(run))
         time.sleep(2)
         assert _newest(run) == at_kill and len(_records(run)) == steps  # nothing trained on
@@ -201,10 +205,7 @@ def test_torchrun_workers_die_with_their_agent(tmp_path):
         assert len(workers) == 2, workers
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(_alive(pid) for pid in workers), "torchrun's workers outlived it"
+        _assert_all_die(workers, "torchrun's workers outlived it")
         steps = len(_records(run))
         time.sleep(1)
         assert len(_records(run)) == steps

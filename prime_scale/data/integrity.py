@@ -154,26 +154,22 @@ class _Stamp:
         except OSError:
             tmp.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
     def locked(self):
         """An exclusive lock on this stamp (released when the holder exits, even by kill -9), so that
         the processes of one machine that open the same shard at once hash it once."""
-
-        @contextlib.contextmanager
-        def hold():
-            fd = None
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                pass  # no cache to share through: hash without it
-            try:
-                yield
-            finally:
-                if fd is not None:
-                    os.close(fd)
-
-        return hold()
+        fd = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no cache to share through: hash without it
+        try:
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
 def content_problem(size: int, digest, entry: dict, noun: str = "shard") -> Optional[str]:

@@ -12,7 +12,6 @@ plan's. Seconds per rank, whatever the model's size: meta tensors hold no storag
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional
 
 from prime_scale.config import Config
@@ -96,16 +95,15 @@ def _one_rank(cfg: Config, rank: int, world: int, tp: int, pp: int, dp: int, voc
 def _data_problems(cfg: Config, recipe: dict) -> list[str]:
     """The recipe's data against its model, where the data's manifest is at hand (a remote or absent
     dataset is checked at start-up, as always)."""
-    import json
+    from prime_scale.planner.plan import local_manifest
 
     paths = [cfg.data.path] if cfg.data.path else [m.path for m in cfg.data.mixture]
     out = []
     for path in paths:
-        manifest = Path(str(path)) / "manifest.json"
-        if "://" in str(path) or not manifest.is_file():
+        m = local_manifest(path)
+        if m is None:
             out.append(f"data: {path}: no manifest here; its seq_len and vocabulary are checked when the run starts")
             continue
-        m = json.loads(manifest.read_text())
         if int(m.get("seq_len", -1)) != recipe["seq_len"]:
             out.append(f"data: {path} holds sequences of {m.get('seq_len')} tokens, the model is built for "
                        f"{recipe['seq_len']}: they disagree (prepare the data with --seq-len {recipe['seq_len']})")

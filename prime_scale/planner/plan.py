@@ -31,15 +31,23 @@ def _vocab(cfg: Config, vocab: Optional[int]) -> int:
         return vocab
     if cfg.model.vocab_size is not None:
         return int(cfg.model.vocab_size)
-    if cfg.data.path and "://" not in str(cfg.data.path):  # the data's manifest, where it is at hand
-        import json
-        from pathlib import Path
-
-        manifest = Path(str(cfg.data.path)) / "manifest.json"
-        if manifest.is_file():
-            return int(json.loads(manifest.read_text())["vocab_size"])
+    manifest = local_manifest(cfg.data.path) if cfg.data.path else None
+    if manifest is not None:
+        return int(manifest["vocab_size"])
     raise UserError("model.vocab_size is null (taken from the data's manifest at start-up): give --vocab N "
                     "or set model.vocab_size=N for the plan")
+
+
+def local_manifest(path) -> Optional[dict]:
+    """A dataset's manifest where it is at hand (None for a remote or absent dataset: a run checks
+    those at start-up, as always)."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(str(path)) / "manifest.json"
+    if "://" in str(path) or not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text())
 
 
 def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None) -> dict:
