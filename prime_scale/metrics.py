@@ -3,7 +3,8 @@ final summary and the loss plot. Written by the logging rank only (global rank 0
 
 metrics.jsonl holds one JSON object per logged step (docs/training.md lists the fields and units):
 step, loss (the recipe's objective, nats per token, mean since the previous record), lr, grad_norm
-(before clipping), tokens_per_s, step_time_s, tokens_seen; validation steps add val_nll_bound
+(before clipping), tokens_per_s, step_time_s, tokens_seen, elapsed_s (wall seconds since this
+process's loop began, evaluations included); validation steps add val_nll_bound
 (sub-token ELBO, nats per token: an upper bound on the NLL), val_stderr, val_ppl, val_bits_per_byte,
 the unigram baseline val_unigram_nll and val_unigram_bits_per_byte, val_tokens, val_sequences,
 val_weights and val_time_s (a figure the data cannot give, such as bytes of pre-tokenized data, is null).
@@ -124,6 +125,25 @@ def describe_validation(v: dict) -> str:
             f"{v['val_weights']} weights)")
 
 
+def compare_with_baselines(v: dict, vocab_size: Optional[int], reference: Optional[dict]) -> Optional[str]:
+    """The bound beside the unigram baselines, in bits per byte of the same validation text: the
+    tokenizer's own (a model that learned nothing beyond token frequencies sits at 1.00×) and, for
+    data that records one (the demo: source.reference_unigram), a fixed reference tokenizer's."""
+    bound, own = v.get("val_bits_per_byte"), v.get("val_unigram_bits_per_byte")
+    if bound is None or own is None:
+        return None
+    rows = [("valid bound (sub-token ELBO)", bound, ""),
+            (f"unigram baseline, this tokenizer{f' ({vocab_size} pieces)' if vocab_size else ''}", own,
+             f"bound = {bound / own:.3f} × this")]
+    if reference and reference.get("bits_per_byte") and reference.get("vocab_size") != vocab_size:
+        ref = float(reference["bits_per_byte"])
+        rows.append((f"unigram baseline, reference tokenizer ({reference['vocab_size']} pieces)", ref,
+                     f"bound = {bound / ref:.3f} × this"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {name.ljust(width)}  {value:.4f} bits/byte  {note}".rstrip() for name, value, note in rows]
+    return "\n".join([f"bits per byte of the validation text ({v['val_tokens']:,} tokens):", *lines])
+
+
 def print_banner(cfg: Config, n_params: int, vocab_size: int, par, gas: int, run_dir: Path) -> None:
     m = cfg.model
     print(f"prime-scale train: {n_params / 1e6:.2f}M parameters (ℓ={m.ell}, V={vocab_size}, "
@@ -133,14 +153,19 @@ def print_banner(cfg: Config, n_params: int, vocab_size: int, par, gas: int, run
           f"dp {par.dp} × accumulation {gas}; {cfg.train.steps} steps; run dir {run_dir}", flush=True)
 
 
-def print_summary(state, run_log: RunLog, stop_reason: Optional[str] = None) -> None:
-    """The end of a run: what it did, its validation bound, and where its outputs are."""
+def print_summary(state, run_log: RunLog, stop_reason: Optional[str] = None, vocab_size: Optional[int] = None,
+                  reference: Optional[dict] = None) -> None:
+    """The end of a run: what it did, its validation bound (next to the unigram baselines), and
+    where its outputs are."""
     head = f"stopped early at step {state.step} ({stop_reason})" if stop_reason else f"done: {state.step} steps"
     print(f"{head}, {state.tokens_seen:,} tokens seen in {fmt_duration(state.train_time_s)} of "
           f"training ({state.tokens_seen / max(state.train_time_s, 1e-9):,.0f} tokens/s)", flush=True)
     if state.last_val:
         v = state.last_val
         print(f"validation (sub-token ELBO): {describe_validation(v)}", flush=True)
+        comparison = compare_with_baselines(v, vocab_size, reference)
+        if comparison:
+            print(comparison, flush=True)
     elif stop_reason:
         print("validation: none yet (the run stopped before its first validation)", flush=True)
     else:

@@ -127,6 +127,14 @@ class Trainer:
         self.run_log = metrics.RunLog(self.cfg, self.run_dir, resumed=self.state.step > 0,
                                       import_before_wandb=import_streaming)
 
+    def reference_unigram(self) -> Optional[dict]:
+        """A fixed unigram baseline recorded by the data (the demo's, source.reference_unigram) for
+        the run's split and sequence length; None for a mixture or data that records none."""
+        if len(self.manifests) != 1:
+            return None
+        ref = (self.manifests[0].get("source") or {}).get("reference_unigram")
+        return ref if isinstance(ref, dict) and ref.get("seq_len") == self.cfg.model.seq_len else None
+
     # ---- the loop
 
     def run(self) -> int:
@@ -142,7 +150,8 @@ class Trainer:
                 self.loop()
             if self.run_log is not None:
                 self.run_log.file.flush()
-                metrics.print_summary(self.state, self.run_log, self.stop_reason)
+                metrics.print_summary(self.state, self.run_log, self.stop_reason, self.vocab_size,
+                                      self.reference_unigram())
         finally:
             self.close()
         return PREEMPTED if self.stop_reason else OK
@@ -244,14 +253,16 @@ class Trainer:
                           "grad_norm": sum(window_norms) / len(window_norms) if window_norms else None,
                           "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                           "tokens_seen": self.state.tokens_seen,
+                          # wall seconds since this process's loop began (evaluations included)
+                          "elapsed_s": time.monotonic() - self._started,
                           # GPU training: extreme-logit positions beyond the loss's exact capacity (this
                           # rank, since the last record; read here, where the host syncs anyway)
                           "capped_positions": take_exact_overflow()}
                 window_time, window_steps, window_loss, window_norms = 0.0, 0, [], []
             if self.val_loader is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or last):
                 with _rng_untouched():  # validating must not change the training that follows
-                    val = self.validate()
-                record = {**(record or {"step": done}), **val}
+                    val = self.validate(final=last)
+                record = {**(record or {"step": done}), **val, "elapsed_s": time.monotonic() - self._started}
             if record is not None:
                 self._log(record)
             self.stop_reason = self._agree_to_stop() if done < cfg.train.steps else None
@@ -310,14 +321,18 @@ class Trainer:
 
     # ---- validation
 
-    def validate(self) -> dict:
+    def validate(self, final: bool = False) -> dict:
         """The bound over the first eval.batches global batches of the validation split (or all of
-        it), eval.mc_samples noise draws per sequence; EMA weights when optim.ema > 0."""
+        it; the last step's: eval.final_batches, 0 = all), eval.mc_samples noise draws per sequence;
+        EMA weights when optim.ema > 0."""
         cfg = self.cfg
+        batches = cfg.eval.batches
+        if final and cfg.eval.final_batches is not None:
+            batches = cfg.eval.final_batches or None
         self.val_loader.load_state_dict(self.val_start)
         chunks, chunk = [], []
         for i, raw in enumerate(self.val_loader):
-            if i >= cfg.eval.batches * self.engine.gas:
+            if batches is not None and i >= batches * self.engine.gas:
                 break
             chunk.append(raw)
             if len(chunk) == self.engine.gas:

@@ -8,7 +8,7 @@ import torch
 
 from prime_scale.cli import main as cli
 from prime_scale.config import load_recipe
-from data_prep.demo import ensure_demo_corpus
+from data_prep.demo import DEMO_VOCAB, ensure_demo_corpus
 from prime_scale.data import build_loader, load_tokenizer, open_dataset
 
 
@@ -34,7 +34,7 @@ def test_demo_corpus_concurrent_build_then_train_batches(tmp_path, monkeypatch, 
     assert len(builds) == 1  # the other rank waited on the lock (or came after) and built nothing
 
     m = open_dataset(root / "L128")
-    assert (m["format"], m["vocab_size"], m["seq_len"]) == ("mds", 4096, 128)
+    assert (m["format"], m["vocab_size"], m["seq_len"]) == ("mds", DEMO_VOCAB, 128)
     assert m["splits"]["train"]["tokens"] > 300_000 and m["splits"]["val"]["sequences"] > 100
     assert m["source"]["kind"] == "demo"
 

@@ -1,7 +1,8 @@
 """The vocab-parallel Prime losses equal the dense prime_scale.prime results on the gathered tensors.
 
 In-process: one shard holding the whole vocabulary (values and gradients vs autograd through the
-dense reference, every objective, carry-over on and off, ℓ = 1, 2, 3, exact ℓ-th powers, padding).
+dense reference, every objective, carry-over on and off, ℓ = 1, 2, 3, exact ℓ-th powers, padding),
+with the digit table's products both from the digit grid and from the GEMM (vocab_parallel._Digits).
 Two gloo processes: the vocabulary split over TP = 2 (with an odd V, so one shard is padded), the
 collectives counted (one MAX and one SUM all-reduce of per-token size, nothing of size V).
 Extreme logits (digit masses far below e^-87, logits at ±1e4), in one shard and over TP = 2 and 3:
@@ -51,10 +52,18 @@ def _dense(logits, x0, yt, t, attn, V, ell, objective, carry_over):
     return nll.detach(), mean.detach(), lg.grad
 
 
-@pytest.mark.parametrize("V,ell", [(50, 1), (50, 2), (64, 2), (100, 3), (27, 3)])
+@pytest.fixture(params=["grid", "gemm"])
+def digit_products(request, monkeypatch):
+    """Both ways of the digit table's products (vocab_parallel._Digits): the digit grid, which the
+    shipped threshold keeps for b >= 32 (V > 1024 at ℓ = 2), forced on for these small V, and the GEMM."""
+    monkeypatch.setattr(vp, "GRID_MIN_BASE", 2 if request.param == "grid" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize("V,ell", [(50, 1), (50, 2), (64, 2), (100, 3), (27, 3), (1100, 2)])
 @pytest.mark.parametrize("objective", ["prime_elbo", "prime_joint"])
 @pytest.mark.parametrize("carry_over", [True, False])
-def test_single_shard_matches_dense(V, ell, objective, carry_over):
+def test_single_shard_matches_dense(V, ell, objective, carry_over, digit_products):
     logits, x0, yt, t, attn = _case(V, ell)
     ref_nll, ref_mean, ref_grad = _dense(logits, x0, yt, t, attn, V, ell, objective, carry_over)
     lg = logits.clone().requires_grad_(True)
@@ -129,6 +138,7 @@ def tp2_worker(cases: list):
 
     dist.init_process_group("gloo", init_method="env://")
     group = dist.new_group(list(range(dist.get_world_size())))
+    vp.GRID_MIN_BASE = 2  # the digit grid on these small V too: a shard's ragged ends and its grid
     out = {f"{V}/{ell}": _tp2_case(V, ell, group) for V, ell in cases}
     dist.destroy_process_group()
     return out
@@ -260,7 +270,7 @@ def test_digit_mass_below_the_exp_floor_is_not_capped():
 @pytest.mark.parametrize("ell", [1, 2, 3, 4])
 @pytest.mark.parametrize("objective", ["prime_elbo", "prime_joint"])
 @pytest.mark.parametrize("carry_over", [True, False])
-def test_extreme_logits_single_shard_match_dense(kind, ell, objective, carry_over):
+def test_extreme_logits_single_shard_match_dense(kind, ell, objective, carry_over, digit_products):
     V, logits, x0, yt, t, attn = _extreme_case(kind, ell)
     # the dense reference works in log space (log_softmax, logsumexp): no floor anywhere
     ref_nll, ref_mean, ref_grad = _dense64(logits, x0, yt, t, attn, V, ell, objective, carry_over)
@@ -302,6 +312,7 @@ def extreme_worker():
 
     dist.init_process_group("gloo", init_method="env://")
     group = dist.new_group(list(range(dist.get_world_size())))
+    vp.GRID_MIN_BASE = 2  # the digit grid, with the shards' ragged ends
     out = {}
     for kind in EXTREME_KINDS:
         for ell in (1, 2, 3, 4):

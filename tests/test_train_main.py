@@ -49,11 +49,20 @@ def test_one_process_run_trains_validates_and_reports(tmp_path):
     assert [r["step"] for r in val] == [20, 40]
     for r in val:
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_nll_bound"]))
-        assert r["val_tokens"] == 8 * 128 and r["val_weights"] == "ema"
-    assert val[-1]["val_nll_bound"] < val[0]["val_nll_bound"]
+        assert r["val_weights"] == "ema" and r["elapsed_s"] > 0
+    manifest = json.loads((Path(os.environ["PRIME_SCALE_DEMO_DIR"]) / "L128" / "manifest.json").read_text())
+    # eval.batches at step 20; the recipe's eval.final_batches = 0 at the last step: the whole split
+    assert val[0]["val_tokens"] == 8 * 128 and val[-1]["val_tokens"] == manifest["splits"]["val"]["sequences"] * 128
+    # the end: the bound beside its own tokenizer's unigram baseline and the demo's reference one
+    last, ref = val[-1], manifest["source"]["reference_unigram"]
+    assert f"valid bound (sub-token ELBO)" in out and f"{last['val_bits_per_byte']:.4f} bits/byte" in out
+    assert (f"{last['val_unigram_bits_per_byte']:.4f} bits/byte  bound = "
+            f"{last['val_bits_per_byte'] / last['val_unigram_bits_per_byte']:.3f} × this") in out
+    assert (f"reference tokenizer ({ref['vocab_size']} pieces)" in out
+            and f"bound = {last['val_bits_per_byte'] / ref['bits_per_byte']:.3f} × this" in out)
+    assert "--- words: " in out and "% of the samples' " in out and "occur in the training text" in out
     # the resolved recipe records what the data decided
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    manifest = json.loads(next((REPO / "data" / "demo").glob("L128/manifest.json")).read_text())
     assert recipe["model"]["vocab_size"] == manifest["vocab_size"] and recipe["train"]["steps"] == 40
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run not under run.dir"

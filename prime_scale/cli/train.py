@@ -113,10 +113,28 @@ def show_samples(cfg, n: int) -> int:
             print("samples: the data's tokenizer is external (ids only); nothing to decode", flush=True)
             return 0
         texts, r = generate(loaded, steps=min(128, cfg.model.seq_len), num=n, seed=cfg.seed)
+        share = samples_word_share(loaded, texts)
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({loaded.weights} weights) ---\n{text.strip()}", flush=True)
     print(f"--- {r.steps} sampling steps, {r.nfe} network calls (idle-step ratio {r.isr:.1%})", flush=True)
+    if share is not None:
+        print(f"--- words: {share.describe()}", flush=True)
     return 0
+
+
+def samples_word_share(loaded, texts):
+    """How many of the samples' words the training text has (prime_scale.sample_words); None when
+    the data is remote (never fetched for this) or its tokenizer cannot decode."""
+    from prime_scale.data import load_tokenizer
+    from prime_scale.data.loader import load_manifests
+    from prime_scale.data.remote import is_remote
+    from prime_scale.sample_words import training_words, word_share
+
+    cfg = loaded.cfg
+    if any(is_remote(str(p)) for p in [cfg.data.path, *(e.path for e in cfg.data.mixture)] if p is not None):
+        return None
+    words = training_words(load_manifests(cfg, "train"), load_tokenizer(loaded.tokenizer_dir))
+    return word_share(texts, words) if words is not None else None
 
 
 if __name__ == "__main__":  # torchrun / deepspeed launcher entry point: one rank

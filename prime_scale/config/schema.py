@@ -89,6 +89,8 @@ class EvalConfig:
     every: int = 100  # validation every N steps (and at the end); 0: only at the end
     batches: int = 4
     mc_samples: int = 1  # Monte Carlo noise draws per sequence
+    # the validation at the last step: this many global batches, 0 = the whole split, None = eval.batches
+    final_batches: Optional[int] = None
 
 
 @dataclass

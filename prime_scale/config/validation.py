@@ -89,6 +89,7 @@ RANGES: dict[str, Span] = {
     "train.log_every": ONE_UP, "train.max_minutes": Span(0.0, note="0 = no limit"), "train.max_skips": ONE_UP,
     "train.spike_factor": Span(0.0, note="0 = off; else above 1"), "train.spike_window": ONE_UP,
     "eval.every": ONLY_AT_END, "eval.batches": ONE_UP, "eval.mc_samples": ONE_UP,
+    "eval.final_batches": _count(0, "0 = the whole validation split; null = eval.batches"),
     "checkpoint.every": ONLY_AT_END, "checkpoint.keep_last": ONE_UP,
     "seed": Span(0, SEED_LIMIT, integer=True),
 }

@@ -21,8 +21,8 @@ DEFAULT_ROOT = "data/demo"
 ROOT_ENV = "PRIME_SCALE_DEMO_DIR"
 # recorded in the demo manifest's source.demo_version; raised whenever the prepared demo gains
 # something older caches lack, so they are rebuilt (2: per-split bytes and token_counts; 3: the
-# files' sizes and sha256)
-DEMO_VERSION = 3
+# files' sizes and sha256; 4: a 16384-piece tokenizer and source.reference_unigram)
+DEMO_VERSION = 4
 
 
 def demo_root(root: Optional[str | Path] = None) -> Path:

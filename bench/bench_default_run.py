@@ -1,0 +1,155 @@
+"""The first command a newcomer runs, timed end to end: `prime-scale train` with the default recipe.
+
+    python bench/bench_default_run.py                        # 3 runs of the default, fresh demo build each time
+    python bench/bench_default_run.py --runs 1 --label lr5e-3 optim.lr=5e-3    # another configuration
+    python bench/bench_default_run.py --plot docs/default-run.png              # the curves of every label so far
+
+Each run is the real command (`python -m prime_scale.cli train [overrides]`) in a fresh working
+directory with a fresh PRIME_SCALE_DEMO_DIR, so the demo corpus is built inside the timed wall (as on
+a newcomer's first run; --reuse-demo builds it once and keeps it). Per run: the wall time of the
+whole command (demo build, training, validations, checkpoints, the final samples), the final
+validation bound in bits per byte beside the unigram baselines of its own tokenizer and of the
+reference tokenizer (the demo's 4096-piece one, recorded by the build), the samples' word share, and
+the curve of the bound against wall minutes since the command started (each validation line timed
+as the command prints it). Results are appended, one JSON object per run, to
+--results (default bench/results/default_run.jsonl); the summary prints medians over the runs of
+the label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = REPO / "bench" / "results" / "default_run.jsonl"
+VALIDATION = re.compile(r"validation @ step (\d+):|^validation \(sub-token ELBO\)")
+
+
+def one_run(overrides: list[str], demo_dir: Path | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="prime-scale-default-") as tmp:
+        work = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env["PRIME_SCALE_DEMO_DIR"] = str(demo_dir or work / "demo")
+        env["PRIME_SCALE_CACHE"] = str(work / "cache")
+        env["PYTHONPATH"] = str(REPO)
+        cmd = [sys.executable, "-m", "prime_scale.cli", "train", *overrides, f"run.dir={work / 'run'}"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines, seen = [], {}  # each validation line timed as it arrives: the curve's wall clock
+        for line in proc.stdout:
+            lines.append(line)
+            m = VALIDATION.search(line)
+            if m:
+                seen[int(m.group(1))] = (time.perf_counter() - t0) / 60
+        rc = proc.wait()
+        wall = time.perf_counter() - t0
+        out = "".join(lines)
+        if rc != 0:
+            raise SystemExit(f"the run failed (exit {rc}):\n{out[-4000:]}")
+        records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r.get("val_bits_per_byte") is not None]
+    last = val[-1]
+    ref = re.search(r"reference tokenizer \((\d+) pieces\)\s+([\d.]+) bits/byte", out)
+    share = re.search(r"words: ([\d.]+)% of the samples' ([\d,]+) words", out)
+    demo_build = re.search(r"demo: ready in .* \(([\d.]+)s\)", out)
+    return {
+        "wall_s": wall, "demo_build_s": float(demo_build.group(1)) if demo_build else 0.0,
+        "bound_bits_per_byte": last["val_bits_per_byte"], "bound_nats_per_token": last["val_nll_bound"],
+        "stderr_nats_per_token": last["val_stderr"], "val_tokens": last["val_tokens"],
+        "own_unigram_bits_per_byte": last["val_unigram_bits_per_byte"],
+        "reference_vocab": int(ref.group(1)) if ref else None,
+        "reference_unigram_bits_per_byte": float(ref.group(2)) if ref else last["val_unigram_bits_per_byte"],
+        "word_share": float(share.group(1)) / 100 if share else None,
+        "sample_words": int(share.group(2).replace(",", "")) if share else None,
+        "curve": [(seen[r["step"]], r["val_bits_per_byte"]) for r in val if r["step"] in seen],
+        "steps": records[-1]["step"], "tokens_seen": records[-1].get("tokens_seen"),
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    med = lambda key: statistics.median(r[key] for r in rows if r.get(key) is not None)  # noqa: E731
+    bound, own, ref = med("bound_bits_per_byte"), med("own_unigram_bits_per_byte"), med("reference_unigram_bits_per_byte")
+    return {"runs": len(rows), "wall_min": med("wall_s") / 60, "bound_bits_per_byte": bound,
+            "own_unigram_bits_per_byte": own, "reference_unigram_bits_per_byte": ref,
+            "bound_over_reference": bound / ref, "bound_over_own_unigram": bound / own,
+            "word_share": med("word_share") if any(r.get("word_share") is not None for r in rows) else None,
+            "demo_build_s": med("demo_build_s")}
+
+
+def plot(results: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    ref = next((r["reference_unigram_bits_per_byte"] for r in rows if r.get("reference_unigram_bits_per_byte")), None)
+    for i, label in enumerate(labels):
+        color = f"C{i % 10}"
+        for j, r in enumerate(x for x in rows if x["label"] == label):
+            if r["curve"]:
+                ax.plot(*zip(*r["curve"]), "-", marker=".", color=color, alpha=0.8, label=label if j == 0 else None)
+    if ref:
+        ax.axhline(ref, color="grey", ls=":", lw=1, label=f"reference unigram ({ref:.3f})")
+        ax.axhline(0.9 * ref, color="black", ls="--", lw=0.8, label="target: 0.90 × reference")
+    ax.axvline(5, color="red", ls=":", lw=0.8)
+    ax.set_xlabel("wall minutes since the command started")
+    ax.set_ylabel("validation bound, bits per byte")
+    ax.set_title("The default run's validation bound against wall time (2 CPU cores)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--label", default="default")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--reuse-demo", action="store_true", help="build the demo once, outside the timed runs")
+    p.add_argument("--plot", type=Path, default=None, help="only plot the curves of --results into this PNG")
+    p.add_argument("override", nargs="*", help="recipe overrides (key=value) for this configuration")
+    args = p.parse_args()
+    if args.plot:
+        plot(args.results, args.plot)
+        print(f"wrote {args.plot}")
+        return 0
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    demo = None
+    keep = None
+    if args.reuse_demo:
+        keep = tempfile.TemporaryDirectory(prefix="prime-scale-demo-")
+        demo = Path(keep.name)
+        subprocess.run([sys.executable, "-m", "prime_scale.cli", "prep", "demo"], check=True, cwd=REPO,
+                       env={**os.environ, "PRIME_SCALE_DEMO_DIR": str(demo), "PYTHONPATH": str(REPO)})
+    rows = []
+    for i in range(args.runs):
+        r = {"label": args.label, "overrides": args.override, **one_run(args.override, demo)}
+        rows.append(r)
+        with args.results.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"run {i + 1}/{args.runs}: {r['wall_s'] / 60:.2f} min wall, bound {r['bound_bits_per_byte']:.4f} "
+              f"bits/byte = {r['bound_bits_per_byte'] / r['reference_unigram_bits_per_byte']:.3f} × reference "
+              f"unigram, {r['bound_bits_per_byte'] / r['own_unigram_bits_per_byte']:.3f} × its own; word share "
+              f"{r['word_share']}", flush=True)
+    print(json.dumps({"label": args.label, "overrides": args.override, **summarize(rows)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
