@@ -21,7 +21,7 @@ N = 3
 COMMON = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.seq_len=32", "model.dropout=0.1",
           "optim.schedule=constant", "optim.warmup_steps=2", "optim.ema=0.9", "train.global_batch=8",
           "train.micro_batch=2", "train.log_every=1", "eval.every=0", "eval.batches=2", "eval.mc_samples=1",
-          "checkpoint.every=2", "checkpoint.keep_last=2", "logging.wandb=disabled", "data.num_workers=0"]
+          "checkpoint.every=2", "checkpoint.keep_last=2", "logging.wandb=disabled", "data.num_workers=0", "eval.final_batches=null"]
 LAYOUTS = {"tp2": ["parallel.tp=2", "parallel.zero_stage=1"], "zero2": ["parallel.tp=1", "parallel.zero_stage=2"]}
 
 

@@ -43,7 +43,7 @@ def test_demo_corpus_concurrent_build_then_train_batches(tmp_path, monkeypatch, 
     cfg = load_recipe(None, ["data.num_workers=0"])
     assert cfg.data.path is None
     batch = next(iter(build_loader(cfg, "train", 0, 1, cfg.train.micro_batch, seed=cfg.seed)))
-    assert batch["input_ids"].shape == (16, 128) and batch["input_ids"].dtype == torch.long
+    assert batch["input_ids"].shape == (cfg.train.micro_batch, 128) and batch["input_ids"].dtype == torch.long
     tok = load_tokenizer(root / "L128")
     corpus = "".join(json.loads(line)["text"] for line in (root / "corpus.jsonl").read_text().splitlines())
     body = batch["input_ids"][0, 1:-1].numpy()

@@ -107,7 +107,7 @@ def test_ell_study_miniature_writes_its_report_and_resumes(small, tmp_path):
     results = {c: json.loads((work / c / "result.json").read_text()) for c in cells}
     for name, r in results.items():
         assert r["tokens_seen"] == 2 * 4 * 32 and math.isfinite(r["bound_nats_per_token"]), name
-        assert 0.0 <= r["isr_at_128"] <= 1.0 and r["curve"], name
+        assert 0.0 <= r["batch_isr_at_128"] <= r["seq_isr_at_128"] <= 1.0 and r["curve"], name
     text = out.read_text()
     table = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(table) == 6 and "*not a bound*" in text and "(ell-study.png)" in text

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.layers=2", "model.hidden=64", "model.heads=2", "optim.warmup_steps=2", "optim.lr=3e-3",
         "train.global_batch=8", "train.micro_batch=8", "train.log_every=5", "eval.every=0", "eval.batches=1",
-        "optim.ema=0.9", "logging.wandb=disabled"]
+        "optim.ema=0.9", "logging.wandb=disabled", "eval.final_batches=null"]
 
 
 def run(*args, timeout=300):

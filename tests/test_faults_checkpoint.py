@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.seq_len=32", "model.dropout=0.1",
         "train.global_batch=4", "train.micro_batch=2", "optim.warmup_steps=2", "optim.schedule=constant",
         "optim.ema=0.9", "eval.every=0", "eval.batches=1", "logging.wandb=disabled", "data.num_workers=0",
-        "train.log_every=1", "checkpoint.keep_last=3"]
+        "train.log_every=1", "checkpoint.keep_last=3", "eval.final_batches=null"]
 STEPS = 30
 
 

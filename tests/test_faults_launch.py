@@ -22,7 +22,7 @@ from prime_scale.checkpoint.catalog import find_latest_complete, list_step_dirs
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.seq_len=32", "train.global_batch=4",
         "train.micro_batch=2", "train.log_every=1", "logging.wandb=disabled", "eval.every=0", "eval.batches=1",
-        "eval.mc_samples=1", "data.num_workers=0", "checkpoint.keep_last=2"]
+        "eval.mc_samples=1", "data.num_workers=0", "checkpoint.keep_last=2", "eval.final_batches=null"]
 
 
 @pytest.fixture(scope="module", autouse=True)

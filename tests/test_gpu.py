@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 TINY = ["model.layers=2", "model.hidden=64", "model.heads=2", "model.seq_len=64", "model.dropout=0.1",
         "train.global_batch=8", "train.micro_batch=4", "optim.warmup_steps=2", "optim.schedule=constant",
         "optim.ema=0.9", "eval.every=0", "eval.batches=1", "logging.wandb=disabled", "data.num_workers=0",
-        "train.log_every=1", "checkpoint.keep_last=3"]
+        "train.log_every=1", "checkpoint.keep_last=3", "eval.final_batches=null"]
 STEPS = 8
 
 

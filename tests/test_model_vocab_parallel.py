@@ -2,7 +2,7 @@
 
 In-process: one shard holding the whole vocabulary (values and gradients vs autograd through the
 dense reference, every objective, carry-over on and off, ℓ = 1, 2, 3, exact ℓ-th powers, padding),
-with the digit table's products both from the digit grid and from the GEMM (vocab_parallel._Digits).
+with the digit table's products both from the digit grid and from the GEMM (prime_scale/model/digit_table.py).
 Two gloo processes: the vocabulary split over TP = 2 (with an odd V, so one shard is padded), the
 collectives counted (one MAX and one SUM all-reduce of per-token size, nothing of size V).
 Extreme logits (digit masses far below e^-87, logits at ±1e4), in one shard and over TP = 2 and 3:
@@ -19,6 +19,7 @@ import torch
 
 from harness.dist import launch
 from prime_scale import prime
+from prime_scale.model import digit_table
 from prime_scale.model import vocab_parallel as vp
 
 
@@ -54,9 +55,9 @@ def _dense(logits, x0, yt, t, attn, V, ell, objective, carry_over):
 
 @pytest.fixture(params=["grid", "gemm"])
 def digit_products(request, monkeypatch):
-    """Both ways of the digit table's products (vocab_parallel._Digits): the digit grid, which the
+    """Both ways of the digit table's products (prime_scale/model/digit_table.py): the digit grid, which the
     shipped threshold keeps for b >= 32 (V > 1024 at ℓ = 2), forced on for these small V, and the GEMM."""
-    monkeypatch.setattr(vp, "GRID_MIN_BASE", 2 if request.param == "grid" else 10**9)
+    monkeypatch.setattr(digit_table, "GRID_MIN_BASE", 2 if request.param == "grid" else 10**9)
     return request.param
 
 
@@ -138,7 +139,7 @@ def tp2_worker(cases: list):
 
     dist.init_process_group("gloo", init_method="env://")
     group = dist.new_group(list(range(dist.get_world_size())))
-    vp.GRID_MIN_BASE = 2  # the digit grid on these small V too: a shard's ragged ends and its grid
+    digit_table.GRID_MIN_BASE = 2  # the digit grid on these small V too: a shard's ragged ends and its grid
     out = {f"{V}/{ell}": _tp2_case(V, ell, group) for V, ell in cases}
     dist.destroy_process_group()
     return out
@@ -312,7 +313,7 @@ def extreme_worker():
 
     dist.init_process_group("gloo", init_method="env://")
     group = dist.new_group(list(range(dist.get_world_size())))
-    vp.GRID_MIN_BASE = 2  # the digit grid, with the shards' ragged ends
+    digit_table.GRID_MIN_BASE = 2  # the digit grid, with the shards' ragged ends
     out = {}
     for kind in EXTREME_KINDS:
         for ell in (1, 2, 3, 4):

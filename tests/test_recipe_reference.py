@@ -97,7 +97,7 @@ def test_check_blames_command_line_dp_not_the_file(capsys):
         load_recipe("tiny-cpu", ["parallel.dp=2"])
     msg = str(e.value)
     assert msg.startswith("command line: key 'parallel.dp'")
-    assert "train.global_batch=16" in msg and "train.micro_batch × parallel.dp = 16 × 2" in msg
+    assert "train.global_batch=8" in msg and "train.micro_batch × parallel.dp = 8 × 2" in msg
     assert cli(["recipe", "check", "tiny-cpu", "parallel.dp=2"]) == 2
     assert "error: command line: key 'parallel.dp'" in capsys.readouterr().err
 

@@ -73,7 +73,7 @@ def test_base_cycle_is_an_error(tmp_path):
     ("model:\n  carry_over: 1\n", [], r"key 'model\.carry_over' expects true or false"),
     ("model:\n  objective: mdlm\n", [], r"key 'model\.objective' expects one of 'prime_joint' \| 'prime_elbo'"),
     ("model:\n  hidden: 100\n  ell: 3\n", [], r"bad\.yaml: key 'model\.ell': model\.hidden=100 is not divisible by model\.ell=3"),
-    ("model:\n  hidden: 130\n  ell: 1\n", [], r"key 'model\.heads': model\.hidden=130 is not divisible by model\.heads=4"),
+    ("model:\n  hidden: 130\n  heads: 4\n  ell: 1\n", [], r"key 'model\.heads': model\.hidden=130 is not divisible by model\.heads=4"),
     ("model:\n  ell: 0\n", [], r"key 'model\.ell': must be at least 1, got 0 \(the token granularity"),
     ("train:\n  global_batch: 10\n  micro_batch: 4\n", [], r"key 'train\.global_batch': 10 is not divisible by train\.micro_batch=4"),
     ("parallel:\n  dp: 3\n", [], r"not divisible by train\.micro_batch × parallel\.dp"),

@@ -199,6 +199,7 @@ DOCS: dict[str, str] = {
     "eval.every": "validate every N steps (and at the end); 0 = only at the end",
     "eval.batches": "validation batches per evaluation",
     "eval.mc_samples": "Monte Carlo noise draws per validation sequence",
+    "eval.final_batches": "validation batches at the last step; 0 = the whole validation split, null = eval.batches",
     "checkpoint.every": "save a checkpoint every N steps (and at the end); 0 = only at the end",
     "checkpoint.keep_last": "complete checkpoints kept; older ones are deleted",
     "checkpoint.dir": "where checkpoints go; null = run.dir/checkpoints",
