@@ -45,7 +45,7 @@ def test_exit_code_table_is_in_the_help(capsys):
 
 def test_a_rank_error_under_nproc_is_reported_once_with_the_user_error_code(tmp_path, capsys):
     missing = tmp_path / "no-such-dataset"
-    code = cli.main(["train", "tiny-cpu", "train.micro_batch=8", f"data.path={missing}", f"run.dir={tmp_path / 'run'}", "--nproc", "2",
+    code = cli.main(["train", "tiny-cpu", "train.global_batch=16", "train.micro_batch=8", f"data.path={missing}", f"run.dir={tmp_path / 'run'}", "--nproc", "2",
                      "--samples", "0"])
     err = capsys.readouterr().err
     assert code == errors.USER_ERROR, err

@@ -60,6 +60,7 @@ def test_demo_corpus_concurrent_build_then_train_batches(tmp_path, monkeypatch, 
     again = open_dataset(root / "L128")
     assert again["tokenizer"]["hash"] == tok_hash
     assert again["splits"] == m["splits"]
-    assert np.array_equal(next(iter(build_loader(cfg, "train", 0, 1, 16, seed=0)))["input_ids"], batch["input_ids"])
+    assert np.array_equal(next(iter(build_loader(cfg, "train", 0, 1, cfg.train.micro_batch, seed=cfg.seed)))["input_ids"],
+                          batch["input_ids"])
     assert cli(["prep", "demo", "--root", str(root)]) == 0  # complete: returns at once
     assert capsys.readouterr().out.strip() == str(root / "L128")

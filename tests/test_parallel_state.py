@@ -65,7 +65,7 @@ def _train(monkeypatch, capsys, argv, environ):
 @pytest.mark.parametrize("argv,environ,words", [
     (["tiny-cpu", "parallel.tp=2"], {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                      "MASTER_PORT": "29999"}, ["world size 3", "tp × parallel.pp", "multiple of 2"]),
-    (["tiny-cpu", "parallel.dp=2", "train.micro_batch=8"], {}, ["parallel.dp=2 is pinned", "world size 1"]),
+    (["tiny-cpu", "parallel.dp=2", "train.global_batch=16", "train.micro_batch=8"], {}, ["parallel.dp=2 is pinned", "world size 1"]),
     (["tiny-cpu", "train.global_batch=16", "train.micro_batch=8", "parallel.dp=0"],
      {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
      ["train.global_batch=16", "micro_batch × dp", "8 × 4"]),
