@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 DEFAULT_RESULTS = REPO / "bench" / "results" / "default_run.jsonl"
 VALIDATION = re.compile(r"validation @ step (\d+):")
 
@@ -98,6 +99,8 @@ def plot(results: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from prime_scale import fsio
+
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     timed = [r for r in rows if r.get("clock", "command") == "command" and r.get("reference_unigram_bits_per_byte")]
@@ -126,10 +129,8 @@ def plot(results: Path, out: Path) -> None:
     axes[1].axvline(5, color="red", ls=":", lw=0.8)
     axes[0].set_ylabel("validation bound ÷ unigram baseline of the same tokens")
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fsio.publish_file(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def main() -> int:

@@ -211,10 +211,8 @@ def write_plot(results: dict, path: Path) -> None:
     fin.set_title("final, whole val split, ±2 s.e. (dotted: unigram)", fontsize=8)
     fin.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fsio.publish_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _num(x, fmt="{:.4f}") -> str:

@@ -70,15 +70,16 @@ class Digits:
         shape[1 + j] = vec.shape[1]
         return vec.reshape(shape)
 
-    def add_penalty(self, z2d: torch.Tensor, penalty: torch.Tensor) -> None:
-        """z2d [N, V_local] += penalty [N, ℓ·b] @ Hᵀ, in place."""
-        pen = penalty.view(-1, self.ell, self.b)
+    def add_product(self, x2d: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
+        """x2d [N, V_local] += alpha · values [N, ℓ·b] @ Hᵀ, in place (the carry-over penalty, the
+        backward factor)."""
+        per_digit = values.view(-1, self.ell, self.b)
         if self.q:
-            grid = self._grid(z2d)
+            grid = self._grid(x2d)
             for j in range(self.ell):
-                grid.add_(self._along(pen[:, j], j))
+                grid.add_(self._along(per_digit[:, j], j), alpha=alpha)
         for a, z, rows in self.ragged:
-            z2d[:, a:z].addmm_(penalty, rows.t())
+            x2d[:, a:z].addmm_(values, rows.t(), alpha=alpha)
 
     def mass(self, e2d: torch.Tensor) -> torch.Tensor:
         """e2d [N, V_local] @ H -> [N, ℓ·b]: every digit value's mass."""
@@ -101,13 +102,7 @@ class Digits:
     def factor(self, base: torch.Tensor, coef: torch.Tensor, width: int) -> torch.Tensor:
         """[N, width]: base [N, 1] − coef [N, ℓ·b] @ Hᵀ (padding classes: base)."""
         out = base.expand(base.shape[0], width).clone()
-        c = coef.view(-1, self.ell, self.b)
-        if self.q:
-            grid = self._grid(out)
-            for j in range(self.ell):
-                grid.sub_(self._along(c[:, j], j))
-        for a, z, rows in self.ragged:
-            out[:, a:z].addmm_(coef, rows.t(), alpha=-1.0)
+        self.add_product(out, coef, alpha=-1.0)
         return out
 
 

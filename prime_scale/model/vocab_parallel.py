@@ -91,7 +91,7 @@ def _restricted_logits(logits, yt, vocab_size: int, ell: int, vocab_start: int, 
         penalty = torch.where(exclude, EXCLUDED, 0.0).view(B * L, ell * b)
         flat = logits.reshape(B * L, local)
         z = flat.float() if copied else flat.clone()
-        _digits(vocab_size, ell, vocab_start, local, str(logits.device)).add_penalty(z, penalty)
+        _digits(vocab_size, ell, vocab_start, local, str(logits.device)).add_product(z, penalty)
         z = z.view(B, L, local)
     else:
         z = logits.float() if copied else logits.clone()
