@@ -152,19 +152,23 @@ def recipe_of(ref: str | Path) -> Config:
     return config_from_dict(tree, where=where)
 
 
-def refuse_remote_data(cfg: Config, where: str) -> None:
-    """Evaluation reads the data a checkpoint's recipe names only when it is local: a checkpoint from
-    elsewhere could name any host, and fetching from it would leak where and when it is evaluated
-    (and read whatever that host serves). A remote dataset must come from the user (--data)."""
+def remote_data(cfg: Config) -> list[tuple[str, str]]:
+    """(recipe key, location) of every remote dataset the recipe names."""
     from prime_scale.data.remote import is_remote
 
     named = [("data.path", cfg.data.path)] + [(f"data.mixture[{i}].path", e.path)
                                               for i, e in enumerate(cfg.data.mixture)]
-    for key, location in named:
-        if location is not None and is_remote(str(location)):
-            raise UserError(f"{where}: recipe key '{key}' is the remote location {location!r}; data a checkpoint "
-                            "names is never fetched, so nothing was downloaded. Pass --data DATASET (a local "
-                            "prepared dataset, or a URI you trust) to choose what to evaluate on")
+    return [(key, location) for key, location in named if location is not None and is_remote(str(location))]
+
+
+def refuse_remote_data(cfg: Config, where: str) -> None:
+    """Evaluation reads the data a checkpoint's recipe names only when it is local: a checkpoint from
+    elsewhere could name any host, and fetching from it would leak where and when it is evaluated
+    (and read whatever that host serves). A remote dataset must come from the user (--data)."""
+    for key, location in remote_data(cfg):
+        raise UserError(f"{where}: recipe key '{key}' is the remote location {location!r}; data a checkpoint "
+                        "names is never fetched, so nothing was downloaded. Pass --data DATASET (a local "
+                        "prepared dataset, or a URI you trust) to choose what to evaluate on")
 
 
 def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optional[str] = None,

@@ -127,11 +127,11 @@ def samples_word_share(loaded, texts):
     the data is remote (never fetched for this) or its tokenizer cannot decode."""
     from prime_scale.data import load_tokenizer
     from prime_scale.data.loader import load_manifests
-    from prime_scale.data.remote import is_remote
+    from prime_scale.inference import remote_data
     from prime_scale.sample_words import training_words, word_share
 
     cfg = loaded.cfg
-    if any(is_remote(str(p)) for p in [cfg.data.path, *(e.path for e in cfg.data.mixture)] if p is not None):
+    if remote_data(cfg):
         return None
     words = training_words(load_manifests(cfg, "train"), load_tokenizer(loaded.tokenizer_dir))
     return word_share(texts, words) if words is not None else None
