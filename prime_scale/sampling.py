@@ -144,6 +144,34 @@ def ancestral_sample(logits_fn: LogitsFn, batch_size: int, seq_len: int, vocab_s
                         invalid_codes=int(invalid.sum()))
 
 
+def greedy_decode(logits_fn: LogitsFn, prefix: torch.Tensor, length: int, vocab_size: int, ell: int, *,
+                  carry_over: bool = True, device=None) -> torch.Tensor:
+    """The deterministic greedy fill of tokens P..length−1 after `prefix` (Long[P], kept fixed):
+    every network call fixes one token, at the still-masked position whose most probable token is the
+    most probable (ties: the leftmost), to that token. length − P calls. Returns Long[length − P].
+
+    Greedy decoding of a masked diffusion model needs an order; confidence order is the one that
+    depends on nothing but the model. The harness's `is_greedy` and zero-temperature generation
+    (prime_scale/lm_eval_model.py) use it."""
+    _check_args(1, length, vocab_size, ell, 1, 1.0, 1.0)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    prefix = _check_prefix(prefix, length, vocab_size).to(device)
+    V, b, P = vocab_size, base_for(vocab_size, ell), prefix.numel()
+    yt = torch.full((1, length * ell), b, dtype=torch.long, device=device)
+    yt[0, : P * ell] = subtokenize(prefix, V, ell)
+    tokens = torch.full((length,), -1, dtype=torch.long, device=device)
+    tokens[:P] = prefix
+    with torch.no_grad():
+        for _ in range(length - P):
+            probs = _distribution(logits_fn, yt, 1, length, V, ell, carry_over, 1.0, 1.0)[0]
+            best, choice = probs.max(-1)  # [L]: the top probability and its token at each position
+            best = best.masked_fill(tokens >= 0, -1.0)
+            position = int(best.argmax())  # the first maximum: the leftmost on a tie
+            tokens[position] = choice[position]
+            yt[0, position * ell:(position + 1) * ell] = subtokenize(choice[position].view(1), V, ell)
+    return tokens[P:]
+
+
 def _distribution(logits_fn: LogitsFn, yt: torch.Tensor, B: int, L: int, V: int, ell: int,
                   carry_over: bool, temperature: float, top_p: float) -> torch.Tensor:
     """probs[B, L, V] to draw from (unnormalised after the nucleus cut; multinomial renormalises)."""

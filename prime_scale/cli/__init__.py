@@ -3,7 +3,8 @@ so `prime-scale --help` stays fast and a subcommand's heavy imports (torch, deep
 by the subcommands that need them.
 
 A subcommand module exposes `add_arguments(parser)` and `main(args) -> int`;
-options and recipe overrides may come in any order. Exit codes: prime_scale.errors.
+options and recipe overrides may come in any order. A module that wraps another program's command
+line sets RAW_ARGUMENTS and exposes `run(argv) -> int` instead. Exit codes: prime_scale.errors.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import sys
 from prime_scale import __version__
 from prime_scale.errors import EXIT_CODES, INTERRUPTED, USER_ERROR, UserError, report
 
-SUBCOMMANDS = ("recipe", "prep", "plan", "train", "eval", "sample", "convert", "checkpoint")
+SUBCOMMANDS = ("recipe", "prep", "plan", "train", "eval", "lm-eval", "sample", "convert", "checkpoint")
+MODULES = {"lm-eval": "harness"}  # a subcommand's module where its name is not a Python name
 HELP = {
     "recipe": "list, show or validate recipes (with overrides); show the schema and its defaults",
     "prep": "prepare data: train a tokenizer, shard a corpus, build the demo corpus, inspect a dataset",
     "plan": "what a recipe needs on N GPUs: memory per rank, communication, step time; --verify: a dry run",
     "train": "train a Prime model from a recipe",
     "eval": "evaluate the valid NLL bound (sub-token ELBO) and perplexity of a checkpoint",
+    "lm-eval": "run lm-evaluation-harness (its own arguments) with the prime-scale model registered",
     "sample": "generate text with the ancestral sub-token sampler",
     "convert": "consolidate a sharded checkpoint into one safetensors file",
     "checkpoint": "verify checkpoints: every file against its manifest's sizes and content hashes",
@@ -65,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args(argv or ["--help"])  # prints help / a usage error and exits
         return USER_ERROR
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(f"prime_scale.cli.{name}")
-    args = _parse(build_parser(name, module), rest)
+    module = importlib.import_module(f"prime_scale.cli.{MODULES.get(name, name)}")
     try:
-        return int(module.main(args) or 0)
+        if getattr(module, "RAW_ARGUMENTS", False):  # a wrapped command line: its arguments are its own
+            return int(module.run(rest) or 0)
+        return int(module.main(_parse(build_parser(name, module), rest)) or 0)
     except UserError as e:
         return report(name, str(e))
     except KeyboardInterrupt:
