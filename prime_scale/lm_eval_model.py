@@ -74,20 +74,27 @@ class PrimeScaleLM(TemplateLM):
         from prime_scale.data import load_tokenizer
         from prime_scale.inference import load_model
 
+        self.steps = _positive_int(steps, "steps")
+        self.greedy = _boolean(greedy, "greedy")
+        self.top_p = float(top_p)
+        self.batch_size = _batch_size(batch_size)
+        if mc_samples is not None:
+            _positive_int(mc_samples, "mc_samples")
         self._stack = contextlib.ExitStack()
         self._closer = weakref.finalize(self, self._stack.close)  # the parallel state and any temporary export
-        self.loaded = self._stack.enter_context(load_model(path, weights))
-        if self.loaded.tokenizer_dir is None:
-            raise UserError(f"{path}: the checkpoint carries no tokenizer, so the harness's text cannot be encoded")
+        try:
+            self.loaded = self._stack.enter_context(load_model(path, weights))
+            if self.loaded.tokenizer_dir is None:
+                raise UserError(f"{path}: the checkpoint carries no tokenizer, so the harness's text cannot be "
+                                "encoded")
+        except BaseException:
+            self._closer()
+            raise
         self.tokenizer = load_tokenizer(self.loaded.tokenizer_dir)
         cfg = self.loaded.cfg
         self.seq_len, self.carry_over = cfg.model.seq_len, cfg.model.carry_over
         self.mc_samples = _positive_int(mc_samples if mc_samples is not None else cfg.eval.mc_samples, "mc_samples")
         self.seed = int(cfg.seed if seed is None else seed)
-        self.steps = _positive_int(steps, "steps")
-        self.greedy = _boolean(greedy, "greedy")
-        self.top_p = float(top_p)
-        self.batch_size = _batch_size(batch_size)
         self.last_bounds: list[ConditionalBound] = []
         self._warned_greedy = False
         if device is not None and torch.device(device).type != self.loaded.device.type:

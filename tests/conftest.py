@@ -38,3 +38,12 @@ def single_process():
     os.environ.clear()
     os.environ.update(saved)
 
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """(run directory, consolidated EMA export) of one tiny 10-step run (tests/harness/tiny_run.py),
+    trained once per session for every module that only needs a trained checkpoint."""
+    from harness.tiny_run import train_and_convert
+
+    return train_and_convert(tmp_path_factory.mktemp("tiny-trained"))

@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["model.layers=2", "model.hidden=64", "model.heads=2", "optim.warmup_steps=2", "optim.lr=3e-3",
-        "train.global_batch=8", "train.micro_batch=8", "train.log_every=5", "eval.every=0", "eval.batches=1",
-        "optim.ema=0.9", "logging.wandb=disabled", "eval.final_batches=null"]
-
-
-def run(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"})
-    return subprocess.run([sys.executable, "-m", "prime_scale.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from harness.tiny_run import run
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("evalsample") / "run"
-    proc = run("train", "tiny-cpu", *TINY, "train.steps=10", f"run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = run_dir.parent / "consolidated"
-    proc = run("convert", str(run_dir), "--out", str(out), "--weights", "ema")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, out
+def trained(tiny_trained):
+    return tiny_trained
 
 
 def _eval(ckpt, json_path, *extra):
