@@ -29,10 +29,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from prime_scale.noise import Batch, make_eval_batch
+from prime_scale.noise import EVAL_NOISE_STEP, Batch, generator_seed, make_eval_batch
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # yt [B, L·ℓ] -> logits [B, L, V]
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
+GENERATION_STEP = EVAL_NOISE_STEP + (1 << 40)  # the sampler's key step: apart from every noise draw's
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ def request_key(context: Sequence[int], continuation: Sequence[int]) -> int:
         h.update(len(ids).to_bytes(8, "little"))
         h.update(torch.as_tensor(list(ids), dtype=torch.int64).numpy().tobytes())
     return int.from_bytes(h.digest(), "little") & ((1 << 62) - 1)
+
+
+def generation_seed(seed: int, prompt: Sequence[int], new_tokens: int, occurrence: int = 0) -> int:
+    """The sampler's seed for a generation request: keyed by (seed, the prompt's ids, how many tokens
+    it asks for, which repeat of the same request it is), so it is the same whatever else is
+    generated with it, and a task's repeated samples differ."""
+    return generator_seed(seed, GENERATION_STEP, request_key(prompt, [new_tokens, occurrence]))
 
 
 def windows(context: Sequence[int], continuation: Sequence[int], seq_len: int) -> list[tuple[list[int], list[int]]]:

@@ -18,9 +18,9 @@ What each request type returns (every number is a bound or a draw of the model, 
   (lm_eval.utils.get_rolling_token_windows, one token of context per window, BOS before the first),
   each window at most the model's seq_len; word/byte perplexity and bits per byte computed from it
   are upper bounds.
-- generate_until(context, gen_kwargs): the ancestral sampler (temperature > 0) or the greedy fill
-  (temperature 0, the harness's do_sample=False), the context as a fixed prefix, cut at the model's
-  EOS and at the first stop sequence.
+- generate_until(context, gen_kwargs): the ancestral sampler (do_sample, at the task's temperature,
+  1 when it names none) or the greedy fill (do_sample false / temperature 0), the context as a fixed
+  prefix, cut at the model's EOS and at the first stop sequence.
 
 Tokenization follows the training data: documents start with BOS, so every context is BOS + its
 text; the harness's convention splits (context, continuation) (TemplateLM._encode_pair). Noise and
@@ -45,13 +45,13 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from prime_scale.conditional import ConditionalBound, conditional_bounds, request_key, windows
+from prime_scale.conditional import ConditionalBound, conditional_bounds, generation_seed, windows
 from prime_scale.errors import UserError
 
 # under the harness's logger, so its --verbosity and format apply to the backend's lines too
 log = logging.getLogger("lm_eval.prime_scale")
-GENERATION_KEY_STEP = (1 << 48) + (1 << 40)  # the sampler's seed key: apart from every noise key
 NAME = "prime-scale"
+DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for a task that names no max_gen_toks
 
 
 @register_model(NAME)
@@ -80,6 +80,11 @@ class PrimeScaleLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         if mc_samples is not None:
             _positive_int(mc_samples, "mc_samples")
+        from prime_scale.parallel import state
+
+        if state.is_initialized():
+            raise UserError(f"lm-eval model {NAME}: another model is loaded in this process; close() it first "
+                            "(one prime-scale model per process)")
         self._stack = contextlib.ExitStack()
         self._closer = weakref.finalize(self, self._stack.close)  # the parallel state and any temporary export
         try:
@@ -87,19 +92,23 @@ class PrimeScaleLM(TemplateLM):
             if self.loaded.tokenizer_dir is None:
                 raise UserError(f"{path}: the checkpoint carries no tokenizer, so the harness's text cannot be "
                                 "encoded")
+            self.tokenizer = load_tokenizer(self.loaded.tokenizer_dir)
+            cfg = self.loaded.cfg
+            self.seq_len, self.carry_over = cfg.model.seq_len, cfg.model.carry_over
+            self.mc_samples = _positive_int(mc_samples if mc_samples is not None else cfg.eval.mc_samples,
+                                            "mc_samples")
+            self.seed = int(cfg.seed if seed is None else seed)
         except BaseException:
             self._closer()
             raise
-        self.tokenizer = load_tokenizer(self.loaded.tokenizer_dir)
-        cfg = self.loaded.cfg
-        self.seq_len, self.carry_over = cfg.model.seq_len, cfg.model.carry_over
-        self.mc_samples = _positive_int(mc_samples if mc_samples is not None else cfg.eval.mc_samples, "mc_samples")
-        self.seed = int(cfg.seed if seed is None else seed)
         self.last_bounds: list[ConditionalBound] = []
-        self._warned_greedy = False
-        if device is not None and torch.device(device).type != self.loaded.device.type:
-            log.warning("%s: device=%s ignored; the model runs on %s (a GPU when there is one)", NAME, device,
-                        self.loaded.device)
+        self._warned: set[str] = set()
+        # the harness passes device=cuda:0 unless told otherwise, also on a machine without a GPU
+        asked = torch.device(device) if device is not None else None
+        if asked is not None and (asked.type != "cuda" or torch.cuda.is_available()) \
+                and not _same_device(asked, self.loaded.device):
+            log.warning("%s: device=%s ignored; the model runs on %s (the process's GPU when there is one: give "
+                        "each process its GPU with CUDA_VISIBLE_DEVICES)", NAME, asked, self.loaded.device)
         log.info("%s: %s (%s weights), V=%d, ell=%d, seq_len=%d, K=%d draws per request, seed %d, batch %d",
                  NAME, path, self.loaded.weights, self.loaded.vocab_size, self.loaded.ell, self.seq_len,
                  self.mc_samples, self.seed, self.batch_size)
@@ -155,39 +164,65 @@ class PrimeScaleLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        from prime_scale.noise import _key
-        from prime_scale.sampling import INVALID_TOKEN, ancestral_sample, greedy_decode
+        from prime_scale.sampling import ancestral_sample, greedy_decode
 
         eos_text = self.tokenizer.decode([self.tokenizer.eos_id]) or None
+        seen: dict[str, int] = {}  # a task's repeats are the same request again: each gets its own draw
         out = []
         for request in tqdm(requests, desc=f"{NAME} generate_until", disable=disable_tqdm):
             context, gen_kwargs = request.args
-            kw = normalize_gen_kwargs(dict(gen_kwargs), default_max_gen_toks=self.seq_len - 1)
+            kw = normalize_gen_kwargs(dict(gen_kwargs), default_max_gen_toks=DEFAULT_MAX_GEN_TOKS)
+            self._warn_ignored(kw)
             until = handle_stop_sequences(kw.get("until"), eos=eos_text)
-            new = max(1, min(int(kw["max_gen_toks"]), self.seq_len - 1))
-            prefix = self.tok_encode(context)[-(self.seq_len - new):]
+            prompt = self.tok_encode(context)
+            new = self._new_tokens(int(kw["max_gen_toks"]), len(prompt))
+            prefix = prompt[-(self.seq_len - new):]
             length = len(prefix) + new
-            temperature = float(kw.get("temperature", 0.0) or 0.0)
-            if temperature <= 0.0:
+            if not kw.get("do_sample"):
                 tokens = greedy_decode(self.loaded.logits, torch.tensor(prefix), length, self.loaded.vocab_size,
                                        self.loaded.ell, carry_over=self.carry_over, device=self.device)
             else:
-                g = self.loaded.generator(_key(self.seed, GENERATION_KEY_STEP, request_key(prefix, [new])))
+                occurrence = seen[repr(request.args)] = seen.get(repr(request.args), -1) + 1
+                g = self.loaded.generator(generation_seed(self.seed, prefix, new, occurrence))
+                # do_sample with no temperature (or 0) samples the model's distribution, temperature 1
                 result = ancestral_sample(self.loaded.logits, 1, length, self.loaded.vocab_size, self.loaded.ell,
                                           self.steps, top_p=float(kw.get("top_p", self.top_p)),
-                                          temperature=temperature, prefix=torch.tensor(prefix),
-                                          carry_over=self.carry_over, generator=g, device=self.device)
+                                          temperature=float(kw.get("temperature") or 0.0) or 1.0,
+                                          prefix=torch.tensor(prefix), carry_over=self.carry_over, generator=g,
+                                          device=self.device)
                 tokens = result.tokens[0, len(prefix):]
-            body = [i for i in tokens.tolist() if i != INVALID_TOKEN]
-            if self.tokenizer.eos_id in body:
-                body = body[: body.index(self.tokenizer.eos_id)]
-            text = self.tokenizer.decode(body)
+            text = self._decode_generated(tokens.tolist())
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
             self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
         return out
+
+    def _new_tokens(self, requested: int, prompt_tokens: int) -> int:
+        """Tokens to generate: as asked, but leaving the prompt (up to half the window) in the window."""
+        room = self.seq_len - min(prompt_tokens, self.seq_len // 2)
+        new = max(1, min(requested, room))
+        if new < requested:
+            self._warn_once("short", "%s: generating %d tokens where the task asks for up to %d: the model's "
+                                     "window is %d tokens and keeps the prompt's last %d", NAME, new, requested,
+                            self.seq_len, self.seq_len - new)
+        return new
+
+    def _decode_generated(self, ids: list[int]) -> str:
+        """Text of generated ids: up to the first EOS, without BOS, padding or invalid codes."""
+        from prime_scale.sampling import INVALID_TOKEN
+
+        if self.tokenizer.eos_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_id)]
+        skip = {self.tokenizer.bos_id, self.tokenizer.pad_id, INVALID_TOKEN}
+        return self.tokenizer.decode([i for i in ids if i not in skip and i >= 0])
+
+    def _warn_ignored(self, kw: dict) -> None:
+        ignored = sorted(set(kw) - {"until", "max_gen_toks", "do_sample", "temperature", "top_p"})
+        if ignored:
+            self._warn_once(f"ignored {ignored}", "%s: generation arguments %s are not used (the sampler takes "
+                                                  "until, max_gen_toks, do_sample, temperature, top_p)", NAME, ignored)
 
     # ------------------------------------------------------------------ helpers
 
@@ -214,11 +249,9 @@ class PrimeScaleLM(TemplateLM):
 
     def _is_greedy(self, parts: list[tuple[list[int], list[int]]]) -> bool:
         if not self.greedy:
-            if not self._warned_greedy:
-                log.warning("%s: is_greedy is reported as False for every request (greedy=false); tasks that "
-                            "score greedy matches (e.g. lambada's acc) need model_args greedy=true, at one "
-                            "network call per continuation token", NAME)
-                self._warned_greedy = True
+            self._warn_once("greedy", "%s: is_greedy is reported as False for every request (greedy=false); "
+                                      "tasks that score greedy matches (e.g. lambada's acc) need model_args "
+                                      "greedy=true, at one network call per continuation token", NAME)
             return False
         from prime_scale.sampling import greedy_decode
 
@@ -229,6 +262,11 @@ class PrimeScaleLM(TemplateLM):
             if filled.tolist() != list(piece):
                 return False
         return True
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
 
     def close(self) -> None:
         """Release the model, its parallel state and any temporary conversion (also done at exit)."""
@@ -245,6 +283,10 @@ def _log_totals(what: str, bounds: list[ConditionalBound], windows_scored: int, 
     log.info("%s %s: %d requests (%d windows, %d tokens), K=%d: bound %.3f nats in total, Monte Carlo "
              "s.e. ±%.3f (per token %s nats); %.1f s, %.1f requests/s", NAME, what, len(bounds), windows_scored,
              tokens, K, total, stderr, per_token, seconds, len(bounds) / max(seconds, 1e-9))
+
+
+def _same_device(asked: torch.device, actual: torch.device) -> bool:
+    return asked.type == actual.type and (asked.index is None or asked.index == (actual.index or 0))
 
 
 def _positive_int(value, name: str) -> int:

@@ -38,7 +38,7 @@ def stratified_time(u, stratum, n: int, eps: float = EPS):
     return (1 - eps) * (((u + stratum) / n) % 1.0) + eps
 
 
-def _key(seed: int, step: int, index: int) -> int:
+def generator_seed(seed: int, step: int, index: int) -> int:
     """A 63-bit generator seed from (seed, step, global sample index) (splitmix64 finaliser)."""
     mask64 = (1 << 64) - 1
     z = 0
@@ -70,7 +70,7 @@ def prime_noise(seed: int, step: int, sample_index: torch.Tensor, position: torc
     n = int(global_batch)
     ts, masks = [], []
     for idx, pos in zip(sample_index.tolist(), position.tolist()):
-        g = torch.Generator().manual_seed(_key(seed, step, int(idx)))
+        g = torch.Generator().manual_seed(generator_seed(seed, step, int(idx)))
         u = torch.rand((), generator=g, dtype=torch.float64)
         t = stratified_time(u, int(pos) % n, n, eps)
         ts.append(t)
@@ -93,7 +93,7 @@ def eval_noise(seed: int, sample_index: torch.Tensor, draw: int, draws: int, cou
     eligible = counted.bool().repeat_interleave(ell, dim=-1)
     ts, masks = [], []
     for row, idx in enumerate(sample_index.tolist()):
-        g = torch.Generator().manual_seed(_key(seed, EVAL_NOISE_STEP + int(draw), int(idx)))
+        g = torch.Generator().manual_seed(generator_seed(seed, EVAL_NOISE_STEP + int(draw), int(idx)))
         u = float(torch.rand((), generator=g, dtype=torch.float64))
         n = int(eligible[row].sum())
         k = min(int(((u + draw) / draws % 1.0) * n) + 1, n)

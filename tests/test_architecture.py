@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("prime_scale", "data_prep", "tools")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
 # the method's core: it must not know about commands, the trainer, the engine or checkpoints
-CORE = ("prime", "model", "data", "sampling", "evaluation")
+CORE = ("prime", "model", "data", "sampling", "evaluation", "conditional")
 CORE_MUST_NOT_IMPORT = ("cli", "train", "engine", "checkpoint")
 
 

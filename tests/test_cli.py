@@ -4,7 +4,7 @@ on every option, one exit-code table that also holds under --nproc (the user err
 from __future__ import annotations
 
 import argparse
-import importlib
+import sys
 
 import pytest
 
@@ -12,7 +12,7 @@ from prime_scale import cli, errors
 
 
 def _args(command: str, argv: list[str]) -> argparse.Namespace:
-    module = importlib.import_module(f"prime_scale.cli.{command}")
+    module = cli.command_module(command)
     return cli._parse(cli.build_parser(command, module), argv)
 
 
@@ -23,9 +23,10 @@ def test_options_and_overrides_mix_in_any_order():
     assert vars(a) == vars(b)
 
 
-@pytest.mark.parametrize("command", cli.SUBCOMMANDS)
+@pytest.mark.parametrize("command", [c for c in cli.SUBCOMMANDS
+                                     if not getattr(cli.command_module(c), "RAW_ARGUMENTS", False)])
 def test_every_option_has_help_text(command):
-    parser = cli.build_parser(command, importlib.import_module(f"prime_scale.cli.{command}"))
+    parser = cli.build_parser(command, cli.command_module(command))
     parsers = [parser] + [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
                           for p in a.choices.values()]
     for p in parsers:
@@ -33,6 +34,19 @@ def test_every_option_has_help_text(command):
             if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
                 continue
             assert action.help, f"{p.prog}: {action.option_strings or action.dest} has no help text"
+
+
+def test_lm_eval_hands_its_arguments_to_the_harness(capsys):
+    """`prime-scale lm-eval` is the harness's command line: its --help is the harness's, exit 0."""
+    assert cli.main(["lm-eval", "run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--model_args" in out and "--include_path" in out
+
+
+def test_lm_eval_without_the_harness_says_which_extra_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)  # as if the eval extra were not installed
+    assert cli.main(["lm-eval", "run", "--model", "prime-scale"]) == errors.USER_ERROR
+    assert "pip install -e '.[eval]'" in capsys.readouterr().err
 
 
 def test_exit_code_table_is_in_the_help(capsys):

@@ -150,7 +150,7 @@ def test_the_harness_reports_the_evaluators_numbers(tiny_trained, tasks, tmp_pat
         filled = greedy_decode(loaded.logits, torch.tensor(prefix), len(prefix) + 8, loaded.vocab_size, loaded.ell)
         body = filled.tolist()
         body = body[: body.index(tok.eos_id)] if tok.eos_id in body else body
-        expected = tok.decode(body).split(STOP)[0]
+        expected = tok.decode([i for i in body if i not in (tok.bos_id, tok.pad_id)]).split(STOP)[0]
         (gen,) = samples("ps_gen")
         assert gen["resps"][0][0] == expected and STOP not in gen["resps"][0][0]
 
@@ -230,3 +230,33 @@ def test_bad_model_args_are_clear_errors(tiny_trained, tmp_path):
         PrimeScaleLM(path=str(tmp_path / "nowhere"))
     lm = PrimeScaleLM(path=str(export), mc_samples=1)  # a failed load left no parallel state behind
     lm.close()
+
+
+def test_sampled_generation_is_seeded_per_request_and_honours_the_stop_and_length(tiny_trained, caplog):
+    from prime_scale.lm_eval_model import PrimeScaleLM
+
+    _, export = tiny_trained
+    sampled = {"until": ["e"], "max_gen_toks": 6, "do_sample": True, "temperature": 1.0}
+    prompts = [("The json module", sampled), ("Use a virtual", sampled), ("The json module", {**sampled, "until": []})]
+    lm = PrimeScaleLM(path=str(export), steps=16, seed=SEED)
+    try:
+        with pytest.raises(Exception, match="another model is loaded in this process"):
+            PrimeScaleLM(path=str(export))
+        first = lm.generate_until(_instances("generate_until", prompts), disable_tqdm=True)
+        again = lm.generate_until(_instances("generate_until", prompts[::-1]), disable_tqdm=True)[::-1]
+        n_tokens = [len(lm.tok_encode(t, add_special_tokens=False)) for t in first]
+        # a task's repeats: the same request again, each its own draw (the first one as before)
+        repeats = lm.generate_until(_instances("generate_until", [prompts[2]] * 3), disable_tqdm=True)
+        caplog.set_level(logging.WARNING, logger="lm_eval.prime_scale")
+        long_prompt = " ".join(["word"] * 300)
+        (long,) = lm.generate_until(_instances("generate_until", [(long_prompt, {"max_gen_toks": 1000, "top_k": 5})]),
+                                    disable_tqdm=True)
+        window = lm.seq_len
+    finally:
+        lm.close()
+    assert first == again  # keyed by the prompt, not by its place
+    assert "e" not in first[0] + first[1] and first[2].startswith(first[0])  # the same draw, cut at the stop
+    assert max(n_tokens) <= 6 + 1  # re-encoding a generated piece may split it in two
+    assert repeats[0] == first[2] and len(set(repeats)) == 3
+    assert f"generating {window - window // 2} tokens where the task asks for up to 1000" in caplog.text
+    assert "['top_k'] are not used" in caplog.text and isinstance(long, str)

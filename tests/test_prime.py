@@ -270,7 +270,7 @@ def test_training_noise_is_the_documented_draw():
     index, position, G, L, ell = torch.tensor([901, 17, 4]), torch.tensor([40, 41, 47]), 8, 300, 2
     t, mask = noise.prime_noise(6, 9, index, position, G, L, ell)
     for row, (i, pos) in enumerate(zip(index.tolist(), position.tolist())):
-        g = torch.Generator().manual_seed(noise._key(6, 9, i))
+        g = torch.Generator().manual_seed(noise.generator_seed(6, 9, i))
         u = torch.rand((), generator=g, dtype=torch.float64)
         t_ref = noise.stratified_time(u, pos % G, G)
         assert float(t[row]) == pytest.approx(float(t_ref), abs=1e-7)

@@ -48,6 +48,11 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_module(name: str):
+    """The module of subcommand `name` (imported now)."""
+    return importlib.import_module(f"prime_scale.cli.{MODULES.get(name, name)}")
+
+
 def build_parser(name: str, module) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"prime-scale {name}", description=HELP[name],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args(argv or ["--help"])  # prints help / a usage error and exits
         return USER_ERROR
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(f"prime_scale.cli.{MODULES.get(name, name)}")
+    module = command_module(name)
     try:
         if getattr(module, "RAW_ARGUMENTS", False):  # a wrapped command line: its arguments are its own
             return int(module.run(rest) or 0)
