@@ -36,8 +36,19 @@ def test_every_option_has_help_text(command):
             assert action.help, f"{p.prog}: {action.option_strings or action.dest} has no help text"
 
 
-def test_lm_eval_hands_its_arguments_to_the_harness(capsys):
+def test_lm_eval_hands_its_arguments_to_the_harness(capsys, monkeypatch):
     """`prime-scale lm-eval` is the harness's command line: its --help is the harness's, exit 0."""
+    import logging
+
+    import lm_eval.utils
+
+    # the harness configures its logger once per process (its own handler, no propagation): undo it
+    # after this test, so later tests' log capture still sees lm_eval's records
+    harness_logger = logging.getLogger("lm_eval")
+    for name in ("handlers", "propagate", "level"):
+        value = getattr(harness_logger, name)
+        monkeypatch.setattr(harness_logger, name, list(value) if name == "handlers" else value)
+    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", lm_eval.utils._LOGGING_CONFIGURED)
     assert cli.main(["lm-eval", "run", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--model_args" in out and "--include_path" in out

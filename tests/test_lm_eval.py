@@ -165,11 +165,18 @@ PAIRS = [("The json module", " can serialize objects."), ("Use a virtual", " env
          ("The built-in function", " len"), ("The built-in function", " size"), ("", "Start of a document")]
 
 
-def test_batch_size_order_and_checkpoint_form_change_nothing(tiny_trained, caplog):
+def capture_backend_logs(caplog, monkeypatch, level):
+    """The backend's records reach caplog even after the harness set up its own logger in this
+    process (it stops propagation to the root logger, where caplog listens)."""
+    monkeypatch.setattr(logging.getLogger("lm_eval"), "propagate", True)
+    caplog.set_level(level, logger="lm_eval.prime_scale")
+
+
+def test_batch_size_order_and_checkpoint_form_change_nothing(tiny_trained, caplog, monkeypatch):
     from prime_scale.lm_eval_model import PrimeScaleLM
 
     run_dir, export = tiny_trained
-    caplog.set_level(logging.INFO, logger="lm_eval.prime_scale")
+    capture_backend_logs(caplog, monkeypatch, logging.INFO)
     results = {}
     for path, batch in ((export, 1), (export, 8), (run_dir, 3)):
         lm = PrimeScaleLM(path=str(path), mc_samples=K, seed=SEED, batch_size=batch)
@@ -232,7 +239,8 @@ def test_bad_model_args_are_clear_errors(tiny_trained, tmp_path):
     lm.close()
 
 
-def test_sampled_generation_is_seeded_per_request_and_honours_the_stop_and_length(tiny_trained, caplog):
+def test_sampled_generation_is_seeded_per_request_and_honours_the_stop_and_length(tiny_trained, caplog,
+                                                                                   monkeypatch):
     from prime_scale.lm_eval_model import PrimeScaleLM
 
     _, export = tiny_trained
@@ -247,7 +255,7 @@ def test_sampled_generation_is_seeded_per_request_and_honours_the_stop_and_lengt
         n_tokens = [len(lm.tok_encode(t, add_special_tokens=False)) for t in first]
         # a task's repeats: the same request again, each its own draw (the first one as before)
         repeats = lm.generate_until(_instances("generate_until", [prompts[2]] * 3), disable_tqdm=True)
-        caplog.set_level(logging.WARNING, logger="lm_eval.prime_scale")
+        capture_backend_logs(caplog, monkeypatch, logging.WARNING)
         long_prompt = " ".join(["word"] * 300)
         (long,) = lm.generate_until(_instances("generate_until", [(long_prompt, {"max_gen_toks": 1000, "top_k": 5})]),
                                     disable_tqdm=True)
