@@ -37,6 +37,17 @@ class LoadedModel:
         any, dropped)."""
         return self.model(yt.to(self.device))[..., : self.vocab_size].float()
 
+    @torch.no_grad()
+    def states(self, yt: torch.Tensor) -> torch.Tensor:
+        """yt [B, L*ell] -> the backbone's hidden states [B, L, D]: with `logits`, the model as the
+        sampler's Predictor, so the output head runs only at the positions that draw."""
+        return self.model.hidden(yt.to(self.device))
+
+    @torch.no_grad()
+    def logits_at(self, states: torch.Tensor) -> torch.Tensor:
+        """Hidden states [n, D] -> logits [n, V] (the head at n chosen positions)."""
+        return self.model.head(states.unsqueeze(0))[0, :, : self.vocab_size].float()
+
     def generator(self, seed: int) -> torch.Generator:
         """A generator on the model's device, seeded with `seed`: the sampler draws where the logits
         are (the same seed gives the same samples on the same kind of device; CUDA's stream is not
@@ -116,7 +127,7 @@ def generate(loaded: LoadedModel, *, steps: int, num: int, length: Optional[int]
     prefix = None
     if prompt:
         prefix = torch.tensor([tok.bos_id, *tok.encode(prompt)], dtype=torch.long)
-    result = ancestral_sample(loaded.logits, num, length, loaded.vocab_size, loaded.ell, steps,
+    result = ancestral_sample(loaded, num, length, loaded.vocab_size, loaded.ell, steps,
                               top_p=top_p, temperature=temperature, prefix=prefix, carry_over=carry_over,
                               generator=loaded.generator(seed))
     result = _on_host(result)
@@ -135,7 +146,7 @@ def _on_host(result):
     import dataclasses
 
     return dataclasses.replace(result, tokens=result.tokens.cpu(), subtokens=result.subtokens.cpu(),
-                               seq_idle_steps=result.seq_idle_steps.cpu())
+                               seq_idle_steps=result.seq_idle_steps.cpu(), seq_nfe=result.seq_nfe.cpu())
 
 
 def recipe_of(ref: str | Path) -> Config:

@@ -179,13 +179,13 @@ class PrimeScaleLM(TemplateLM):
             prefix = prompt[-(self.seq_len - new):]
             length = len(prefix) + new
             if not kw.get("do_sample"):
-                tokens = greedy_decode(self.loaded.logits, torch.tensor(prefix), length, self.loaded.vocab_size,
+                tokens = greedy_decode(self.loaded, torch.tensor(prefix), length, self.loaded.vocab_size,
                                        self.loaded.ell, carry_over=self.carry_over, device=self.device)
             else:
                 occurrence = seen[repr(request.args)] = seen.get(repr(request.args), -1) + 1
                 g = self.loaded.generator(generation_seed(self.seed, prefix, new, occurrence))
                 # do_sample with no temperature (or 0) samples the model's distribution, temperature 1
-                result = ancestral_sample(self.loaded.logits, 1, length, self.loaded.vocab_size, self.loaded.ell,
+                result = ancestral_sample(self.loaded, 1, length, self.loaded.vocab_size, self.loaded.ell,
                                           self.steps, top_p=float(kw.get("top_p", self.top_p)),
                                           temperature=float(kw.get("temperature") or 0.0) or 1.0,
                                           prefix=torch.tensor(prefix), carry_over=self.carry_over, generator=g,
@@ -256,7 +256,7 @@ class PrimeScaleLM(TemplateLM):
         from prime_scale.sampling import greedy_decode
 
         for context, piece in parts:
-            filled = greedy_decode(self.loaded.logits, torch.tensor(context), len(context) + len(piece),
+            filled = greedy_decode(self.loaded, torch.tensor(context), len(context) + len(piece),
                                    self.loaded.vocab_size, self.loaded.ell, carry_over=self.carry_over,
                                    device=self.device)
             if filled.tolist() != list(piece):

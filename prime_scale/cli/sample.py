@@ -1,7 +1,8 @@
 """`prime-scale sample CKPT`: text from the ancestral sub-token sampler (docs/sampling.md).
 
-Reports the network calls (NFE) and the idle-step ratio: steps that reveal no sub-token reuse the
-previous prediction, so NFE = non-idle steps + 1."""
+Reports the network calls (NFE) and the idle-step ratio: a sequence is computed only at the steps
+where it reveals a sub-token (and for the final fill when something is left), so NFE = non-idle
+steps, plus one when the grid left something masked."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
             texts, r = generate(loaded, steps=args.steps, num=args.num, length=args.length, top_p=args.top_p,
                                 temperature=args.temperature, prompt=args.prompt, carry_over=args.carry_over,
                                 seed=args.seed)
-    stats = {"steps": r.steps, "nfe": r.nfe, "idle_steps": r.idle_steps, "isr": r.isr,
+    stats = {"steps": r.steps, "nfe": r.nfe, "seq_nfe": r.seq_nfe.tolist(), "idle_steps": r.idle_steps, "isr": r.isr,
              "invalid_codes": r.invalid_codes, "weights": loaded.weights}
     if args.json_out:
         print(json.dumps({"samples": texts, **stats}, indent=2))

@@ -347,11 +347,15 @@ class PrimeTransformer(nn.Module):
     def head(self) -> PrimeHead:
         return self.layers[-1]
 
-    def forward(self, yt: torch.Tensor) -> torch.Tensor:
+    def hidden(self, yt: torch.Tensor) -> torch.Tensor:
+        """yt [B, L·ℓ] -> the last block's output [B, L, D] (before the head's norm)."""
         h = yt
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             h = layer(h)
         return h
+
+    def forward(self, yt: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(yt))
 
 
 def count_parameters(args: ModelArgs) -> dict:
