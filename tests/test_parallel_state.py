@@ -136,3 +136,23 @@ def test_cuda_device_max_connections_is_set_for_gpu_tensor_parallel_runs_only():
     assert tp_overlap_env(1, True, {}) == {}  # no TP all-reduce to overlap: ZeRO's streams keep theirs
     assert tp_overlap_env(2, False, {}) == {}
     assert tp_overlap_env(2, True, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}) == {}  # the user's own value
+
+
+def test_destroy_puts_back_the_launcher_variables_init_set(monkeypatch):
+    """An in-process model (eval, the lm-eval backend) must not leave its group's port and rank in
+    os.environ: processes started afterwards would inherit them and collide on the port."""
+    import os
+
+    from prime_scale.config import load_recipe
+    from prime_scale.parallel import state
+
+    for key in state.LAUNCH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # one the user set stays as it was
+    state.init(load_recipe("tiny-cpu", ["model.vocab_size=100"]))
+    try:
+        assert os.environ["MASTER_PORT"] and os.environ["WORLD_SIZE"] == "1"
+    finally:
+        state.destroy()
+    assert not any(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"

@@ -135,6 +135,10 @@ def _skip_deepspeed_shm_op() -> None:
     module.build_shm_op = lambda: None
 
 
+LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_ENV_BEFORE: Optional[dict] = None  # those variables as they were before init() set them
+
+
 def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[str, str]] = None) -> ParallelState:
     """Bring up every process group for cfg.parallel and return this rank's ParallelState.
     Layout errors (world size vs tp × pp, pinned dp, batch divisibility) are raised before any
@@ -146,7 +150,11 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = resolve_dp(cfg, env.world_size)
 
-    # the launcher variables every library below reads (a single process gets them here)
+    # the launcher variables every library below reads (a single process gets them here); destroy()
+    # puts back what was there, so a process that loads a model in-process (eval, the lm-eval
+    # backend, tests) does not hand this group's port and rank to the processes it starts later
+    global _ENV_BEFORE
+    _ENV_BEFORE = {key: os.environ.get(key) for key in LAUNCH_KEYS}
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
                        "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
                        "MASTER_PORT": str(env.master_port)})
@@ -212,6 +220,13 @@ def destroy() -> None:
 
     dscomm.cdb = None
     _STATE = None
+    global _ENV_BEFORE
+    for key, value in (_ENV_BEFORE or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _ENV_BEFORE = None
 
 
 # --------------------------------------------------------------------------- layout agreement
