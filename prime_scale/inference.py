@@ -116,7 +116,7 @@ def generate(loaded: LoadedModel, *, steps: int, num: int, length: Optional[int]
              seed: int = 0) -> tuple[list[str], "SampleResult"]:
     """Decoded texts and the SampleResult of the ancestral sub-token sampler (prime_scale.sampling)."""
     from prime_scale.data import load_tokenizer
-    from prime_scale.sampling import INVALID_TOKEN, ancestral_sample
+    from prime_scale.sampling import ancestral_sample
 
     if loaded.tokenizer_dir is None:
         raise UserError(f"{loaded.source}: the checkpoint carries no tokenizer, so samples cannot be decoded")
@@ -131,14 +131,17 @@ def generate(loaded: LoadedModel, *, steps: int, num: int, length: Optional[int]
                               top_p=top_p, temperature=temperature, prefix=prefix, carry_over=carry_over,
                               generator=loaded.generator(seed))
     result = _on_host(result)
-    special = {tok.bos_id, tok.pad_id, INVALID_TOKEN}
-    texts = []
-    for row in result.tokens.tolist():
-        body = [i for i in row if i not in special and i >= 0]
-        if tok.eos_id in body:  # a document ends at its EOS
-            body = body[: body.index(tok.eos_id)]
-        texts.append(tok.decode(body))
-    return texts, result
+    return [decode_sample(tok, row) for row in result.tokens.tolist()], result
+
+
+def decode_sample(tok, ids: list[int]) -> str:
+    """Text of sampled token ids: up to the first EOS (a document ends there), without BOS,
+    padding or invalid codes."""
+    from prime_scale.sampling import INVALID_TOKEN
+
+    skip = {tok.bos_id, tok.pad_id, INVALID_TOKEN}
+    body = [i for i in ids if i not in skip and i >= 0]
+    return tok.decode(body[: body.index(tok.eos_id)] if tok.eos_id in body else body)
 
 
 def _on_host(result):

@@ -164,6 +164,7 @@ class PrimeScaleLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        from prime_scale.inference import decode_sample
         from prime_scale.sampling import ancestral_sample, greedy_decode
 
         eos_text = self.tokenizer.decode([self.tokenizer.eos_id]) or None
@@ -191,7 +192,7 @@ class PrimeScaleLM(TemplateLM):
                                           prefix=torch.tensor(prefix), carry_over=self.carry_over, generator=g,
                                           device=self.device)
                 tokens = result.tokens[0, len(prefix):]
-            text = self._decode_generated(tokens.tolist())
+            text = decode_sample(self.tokenizer, tokens.tolist())
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
@@ -208,15 +209,6 @@ class PrimeScaleLM(TemplateLM):
                                      "window is %d tokens and keeps the prompt's last %d", NAME, new, requested,
                             self.seq_len, self.seq_len - new)
         return new
-
-    def _decode_generated(self, ids: list[int]) -> str:
-        """Text of generated ids: up to the first EOS, without BOS, padding or invalid codes."""
-        from prime_scale.sampling import INVALID_TOKEN
-
-        if self.tokenizer.eos_id in ids:
-            ids = ids[: ids.index(self.tokenizer.eos_id)]
-        skip = {self.tokenizer.bos_id, self.tokenizer.pad_id, INVALID_TOKEN}
-        return self.tokenizer.decode([i for i in ids if i not in skip and i >= 0])
 
     def _warn_ignored(self, kw: dict) -> None:
         ignored = sorted(set(kw) - {"until", "max_gen_toks", "do_sample", "temperature", "top_p"})
