@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from prime_scale import fsio
-from prime_scale.config import Config
+from prime_scale.config import Config, resolve_zero_stage
 from prime_scale.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -144,11 +144,19 @@ def compare_with_baselines(v: dict, vocab_size: Optional[int], reference: Option
     return "\n".join([f"bits per byte of the validation text ({v['val_tokens']:,} tokens):", *lines])
 
 
+def zero_description(cfg: Config, dp: int) -> str:
+    """The recipe's ZeRO stage, and the one DeepSpeed runs where they differ (config.resolve_zero_stage)."""
+    run = resolve_zero_stage(cfg, dp)
+    if run == cfg.parallel.zero_stage:
+        return f"ZeRO {run}"
+    return f"ZeRO {cfg.parallel.zero_stage} (runs as ZeRO {run}: one data-parallel rank has nothing to partition)"
+
+
 def print_banner(cfg: Config, n_params: int, vocab_size: int, par, gas: int, run_dir: Path) -> None:
     m = cfg.model
     print(f"prime-scale train: {n_params / 1e6:.2f}M parameters (ℓ={m.ell}, V={vocab_size}, "
           f"{m.layers}×{m.hidden}, seq {m.seq_len}), objective {m.objective}, {cfg.precision}, "
-          f"ZeRO {cfg.parallel.zero_stage}", flush=True)
+          f"{zero_description(cfg, par.dp)}", flush=True)
     print(f"  {par.describe()}; global batch {cfg.train.global_batch} = micro {cfg.train.micro_batch} × "
           f"dp {par.dp} × accumulation {gas}; {cfg.train.steps} steps; run dir {run_dir}", flush=True)
 

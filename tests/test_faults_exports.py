@@ -28,7 +28,9 @@ TINY = ["model.layers=2", "model.hidden=64", "model.heads=2", "optim.warmup_step
         "train.global_batch=8", "train.micro_batch=8", "train.log_every=1", "eval.every=0", "eval.batches=1",
         "logging.wandb=disabled", "eval.final_batches=null"]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-OPTIM_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+# an fp32 run on one data-parallel rank runs ZeRO 0 (config.resolve_zero_stage): DeepSpeed keeps the
+# optimizer state beside the module weights
+OPTIM_FILE = "mp_rank_00_model_states.pt"
 EVAL = ["--max-batches", "1", "--batch-size", "2", "--mc-samples", "1"]
 
 

@@ -111,14 +111,20 @@ SMALL = [f"model.vocab_size={V}", "model.layers=4", "model.hidden=256", "model.h
 
 
 def held_bytes() -> int:
-    """Every live tensor's storage, each counted once: what the process holds in tensors."""
+    """Every live tensor's storage, each counted once: what the process holds in tensors. A
+    parameter's .grad is not an object the garbage collector lists, so it is counted through its
+    parameter (gradients that nothing else references: ZeRO 0 over one DP rank, no flat buffer)."""
     import torch
 
     gc.collect()
     seen, total = set(), 0
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
+        if not isinstance(obj, torch.Tensor):
+            continue
+        for tensor in (obj, obj.grad if isinstance(obj, torch.nn.Parameter) else None):
+            if tensor is None or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
             if storage.data_ptr() and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()

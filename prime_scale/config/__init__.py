@@ -40,12 +40,12 @@ from prime_scale.config.schema import (
     leaf_keys,
     schema_fields,
 )
-from prime_scale.config.validation import resolve_dp, validate
+from prime_scale.config.validation import resolve_dp, resolve_zero_stage, validate
 
 __all__ = [
     "COMMAND_LINE", "DEFAULT_ORIGIN", "DEFAULT_RECIPE", "DOCS", "RECIPES_DIR",
     "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "LoggingConfig", "MixtureEntry",
     "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeError", "RunConfig", "TrainConfig",
     "config_from_dict", "leaf_keys", "load_recipe", "load_recipe_with_origins", "parse_override",
-    "resolve_dp", "resolve_recipe_path", "schema_fields", "validate",
+    "resolve_dp", "resolve_recipe_path", "resolve_zero_stage", "schema_fields", "validate",
 ]

@@ -179,7 +179,8 @@ DOCS: dict[str, str] = {
     "parallel.tp": "tensor-parallel degree; must divide model.heads and the MLP width",
     "parallel.pp": "pipeline-parallel stages (DeepSpeed's pipeline engine); at most model.layers",
     "parallel.dp": "data-parallel degree; 0 = auto: world size / (tp × pp)",
-    "parallel.zero_stage": "DeepSpeed ZeRO stage, 0 to 3 (0 or 1 with pipeline parallelism)",
+    "parallel.zero_stage": "DeepSpeed ZeRO stage, 0 to 3 (0 or 1 with pipeline parallelism; fp32 over one "
+                           "data-parallel rank runs 1 and 2 as 0)",
     "train.steps": "optimizer steps to train",
     "train.global_batch": "sequences per optimizer step, over all data-parallel ranks",
     "train.micro_batch": "sequences per rank per forward/backward pass; each rank accumulates "

@@ -1,7 +1,7 @@
 """Checks that the schema's types cannot express: ranges, cross-key rules, the data-parallel degree.
 
-validate() runs on every loaded recipe before any work starts; resolve_dp() runs once the world
-size is known. Every failure is a RecipeError that names the key to change and, through the
+validate() runs on every loaded recipe before any work starts; resolve_dp() and resolve_zero_stage()
+run once the world size is known. Every failure is a RecipeError that names the key to change and, through the
 provenance dict, who set it: the file, or "command line". The checks run in a fixed order, so
 the first problem reported is always the same one: every key's own range first (so that no
 cross-key check divides by a zero or compares a nan), then the checks across keys.
@@ -190,3 +190,18 @@ def resolve_dp(cfg: Config, world_size: int) -> int:
         raise RecipeError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch × dp "
                           f"= {t.micro_batch} × {dp}; change the batch sizes for {world_size} processes")
     return dp
+
+
+def resolve_zero_stage(cfg: Config, dp: int) -> int:
+    """The ZeRO stage DeepSpeed runs for the recipe's parallel.zero_stage at this data-parallel size.
+    Stages 1 and 2 partition the optimizer state and the gradients over the DP ranks; over one rank
+    the partition is the whole model, so they compute stage 0's update while DeepSpeed's partitioned
+    optimizer copies every gradient into a bucket, then into its partition, then flattens it, and
+    copies every updated weight back (1.2–1.3× the plain step at V = 50257 on CPU, docs/benchmarks.md).
+    fp32 over one DP rank therefore runs stage 0, as torchtitan applies FSDP only to a DP degree
+    above 1. bf16 keeps its stage: DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO ≥ 1.
+    ZeRO-3 keeps its stage: it changes how parameters are held (gathered per use), not just copies."""
+    stage = cfg.parallel.zero_stage
+    if dp == 1 and stage in (1, 2) and cfg.precision == "fp32":
+        return 0
+    return stage

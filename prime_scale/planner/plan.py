@@ -9,7 +9,7 @@ import copy
 from typing import Optional
 
 from prime_scale.config import Config
-from prime_scale.config.validation import resolve_dp, validate
+from prime_scale.config.validation import resolve_dp, resolve_zero_stage, validate
 from prime_scale.errors import UserError
 from prime_scale.planner import memory, traffic
 from prime_scale.planner.gpus import GiB, GpuKind
@@ -54,6 +54,7 @@ def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None)
     validate(cfg)
     cfg = copy.deepcopy(cfg)
     dp = resolve_dp(cfg, gpus)
+    zero = resolve_zero_stage(cfg, dp)  # what DeepSpeed runs: fp32 ZeRO 1/2 over one DP rank is stage 0
     V = _vocab(cfg, vocab)
     d = Dims.of(cfg, V)
     p, t = cfg.parallel, cfg.train
@@ -76,7 +77,7 @@ def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None)
     stages = []
     for stage in stage_parameters(d):
         psi = stage["total"]
-        state = memory.model_state(psi, dp, p.zero_stage, cfg.precision)
+        state = memory.model_state(psi, dp, zero, cfg.precision)
         act = memory.stage_activations(d, stage, tokens, s, recompute, cfg.model.dropout,
                                        memory.in_flight(p.pp, stage["stage"], gas))
         # with gradient accumulation the gradients of earlier micro-batches sit beside the next one's
@@ -87,7 +88,7 @@ def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None)
         total = memory.with_margin(tensors)
         tp_comm = traffic.tp_bytes(d, stage, tokens, s, recompute)
         grad_bytes = 4 if cfg.precision == "fp32" else 2
-        dp_comm = traffic.dp_bytes(psi, dp, p.zero_stage, s, grad_bytes)
+        dp_comm = traffic.dp_bytes(psi, dp, zero, s, grad_bytes)
         boundaries = (stage["stage"] > 0) + (stage["stage"] < p.pp - 1)
         pp_bytes = gas * boundaries * 2 * tokens * d.hidden * s
         flops_rank = flops_step / gpus  # stages are balanced by blocks; the head's share is stated below
@@ -100,7 +101,8 @@ def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None)
     step_s = max(st["time"]["step_s"] for st in stages)
     tokens_per_gpu = step_tokens / step_s / gpus
     plan = {
-        "recipe": {"tp": p.tp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage, "precision": cfg.precision,
+        "recipe": {"tp": p.tp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage, "zero_stage_run": zero,
+                   "precision": cfg.precision,
                    "micro_batch": t.micro_batch, "global_batch": t.global_batch, "grad_accumulation": gas,
                    "recompute": recompute, "seq_len": d.seq_len, "vocab_size": V, "ell": d.ell},
         "gpus": gpus, "gpu": gpu.describe(), "parameters": model_parameters(d), "stages": stages,
@@ -149,7 +151,9 @@ def _gib(x: float) -> str:
 
 def render(plan: dict) -> str:
     r, g = plan["recipe"], plan["gpu"]
-    lines = [f"plan: {plan['gpus']} × {g['name']} = TP {r['tp']} × PP {r['pp']} × DP {r['dp']}, ZeRO {r['zero_stage']}, "
+    zero = f"ZeRO {r['zero_stage']}" + (f" (runs as {r['zero_stage_run']}: one DP rank)"
+                                         if r["zero_stage_run"] != r["zero_stage"] else "")
+    lines = [f"plan: {plan['gpus']} × {g['name']} = TP {r['tp']} × PP {r['pp']} × DP {r['dp']}, {zero}, "
              f"{r['precision']}, micro-batch {r['micro_batch']} × {r['grad_accumulation']} accumulation × DP = global "
              f"{r['global_batch']}, seq {r['seq_len']}, ℓ = {r['ell']}, V = {r['vocab_size']:,}, recompute {r['recompute']}",
              f"parameters: {plan['parameters']['total']:,} ({plan['parameters']['as_trained']:,} as trained, with "
