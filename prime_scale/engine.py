@@ -83,7 +83,8 @@ def sum_of_squares(t: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     the head are 25 M elements each at V = 50257, D = 512)."""
     flat = t.reshape(-1)
     whole = flat.numel() - flat.numel() % chunk
-    total = torch.linalg.vector_norm(flat[:whole].view(-1, chunk), dim=1).double().pow(2).sum()
+    norms = torch.linalg.vector_norm(flat[:whole].view(-1, chunk), dim=1, dtype=torch.float32)
+    total = norms.double().pow(2).sum()
     return total + flat[whole:].double().pow(2).sum()
 
 
@@ -253,20 +254,29 @@ class Engine:
     @torch.no_grad()
     def _clip_before_step(self, optimizer, *_):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        tp_rank = self.state.tp_rank
-        # TP-sharded parameters count on every TP rank, replicated ones once; stages add up
-        sq = torch.zeros((), dtype=torch.float64, device=self.state.device)
-        for p in params:
-            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                sq += sum_of_squares(p.grad.detach())
-        if self.state.tp * self.state.pp > 1:
-            dist.all_reduce(sq, group=self.state.model_parallel_group)
+        sq = self._squared_norm(params, sum_of_squares)
+        if not math.isfinite(float(sq)):  # the same on every model-parallel rank: the sum is reduced
+            # a chunk's float32 Σg² overflows above ~3e38 where float64 does not: count again exactly,
+            # so that only a truly non-finite gradient drops the step
+            sq = self._squared_norm(params, lambda g: g.double().pow(2).sum())
         norm = float(sq.sqrt())
         self._norm = norm
         clip = self.cfg.optim.clip
         if clip > 0 and norm > clip:
             for p in params:
                 p.grad.mul_(clip / (norm + 1e-6))
+
+    def _squared_norm(self, params, square) -> torch.Tensor:
+        """Σ square(grad) over the model: TP-sharded parameters count on every TP rank, replicated
+        ones once; stages add up."""
+        tp_rank = self.state.tp_rank
+        sq = torch.zeros((), dtype=torch.float64, device=self.state.device)
+        for p in params:
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                sq += square(p.grad.detach())
+        if self.state.tp * self.state.pp > 1:
+            dist.all_reduce(sq, group=self.state.model_parallel_group)
+        return sq
 
     # ---- introspection
 

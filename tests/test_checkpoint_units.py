@@ -211,6 +211,10 @@ def test_changed_layout_is_refused_with_the_way_out(tmp_path):
             check_layout(saved, dict(saved["layout"], **change), tmp_path)
         assert "was written with tp=2 pp=1 dp=1 zero_stage=1 precision=fp32" in str(e.value)
         assert "prime-scale convert" in str(e.value)
+    # a one-rank fp32 ZeRO-1 checkpoint of an earlier version, where the same recipe now runs ZeRO 0
+    with pytest.raises(TopologyChanged) as e:
+        check_layout(saved, dict(saved["layout"], zero_stage=0), tmp_path)
+    assert "now runs it as ZeRO 0" in str(e.value) and "prime-scale convert" in str(e.value)
 
 
 # --------------------------------------------------------------------------- CUDA RNG with fewer visible GPUs

@@ -2,8 +2,10 @@
 
 Real DeepSpeed engines and megatron-core layers on gloo. A tiny Prime model (ℓ = 2, ELBO objective,
 clipping and EMA on) trains 4 steps on fixed global batches:
-  one process:   TP1·PP1·DP1 under ZeRO 0, 1, 2, 3 (the references)
-  two processes: TP2 and PP2 (ZeRO 1), DP2 under ZeRO 1, 2, 3, and PP2 in bf16
+  one process:   TP1·PP1·DP1 under ZeRO 0, 1, 2, 3 (the references; fp32 over one DP rank runs 1 and 2
+                 as 0, config.resolve_zero_stage)
+  two processes: TP2 and PP2 (ZeRO 1; DP 1, so run as 0), DP2 under ZeRO 1, 2, 3 (real partitions),
+                 and PP2 in bf16
 fp32 layouts must match their reference within 1e-5 (losses, validation sums) and start from the
 same weights (gathered over TP and pipeline stages); bf16 must stay close. The two-process job
 also checks that a DeepSpeed topology disagreeing with megatron's groups is refused.

@@ -130,6 +130,17 @@ def check_layout(manifest: dict, layout: dict, path: Path) -> None:
     def show(d: dict) -> str:
         return f"tp={d['tp']} pp={d['pp']} dp={d['dp']} zero_stage={d['zero_stage']} precision={d['precision']}"
 
+    others = [k for k in keys if k != "zero_stage"]
+    if (all(saved.get(k) == layout.get(k) for k in others) and saved.get("dp") == 1 and layout["zero_stage"] == 0
+            and saved.get("zero_stage") in (1, 2) and saved.get("precision") == "fp32"):
+        raise TopologyChanged(
+            f"{path} was written with {show(saved)}: before 2026-12-02 prime-scale ran fp32 ZeRO "
+            f"{saved['zero_stage']} on one data-parallel rank as DeepSpeed's partitioned optimizer; it now runs "
+            f"it as ZeRO 0 (one rank has nothing to partition; docs/training.md, Layouts), whose optimizer "
+            f"state DeepSpeed keeps in another form. Resume it with the version that wrote it, or convert it "
+            f"(prime-scale convert {path} --out DIR) and start from those weights with --init-from "
+            f"(fresh optimizer state).")
+
     raise TopologyChanged(
         f"{path} was written with {show(saved)}; this run has {show(layout)}. The optimizer state in a "
         f"DeepSpeed checkpoint is sharded for the layout that wrote it, so it cannot be resumed exactly "
