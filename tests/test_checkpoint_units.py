@@ -203,18 +203,51 @@ def test_tokenizer_identity_changes_with_content(tmp_path):
         tokenizer_identity(tmp_path / "missing")
 
 
-def test_changed_layout_is_refused_with_the_way_out(tmp_path):
+def test_deepspeeds_loader_refuses_a_changed_layout_and_names_the_resharding_resume(tmp_path):
     saved = {"layout": {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 1, "precision": "fp32"}}
     check_layout(saved, dict(saved["layout"], world_size=2, pipeline=False), tmp_path)  # same: fine
     for change in ({"tp": 1, "dp": 2}, {"zero_stage": 2}, {"precision": "bf16"}):
         with pytest.raises(TopologyChanged) as e:
             check_layout(saved, dict(saved["layout"], **change), tmp_path)
         assert "was written with tp=2 pp=1 dp=1 zero_stage=1 precision=fp32" in str(e.value)
-        assert "prime-scale convert" in str(e.value)
-    # a one-rank fp32 ZeRO-1 checkpoint of an earlier version, where the same recipe now runs ZeRO 0
-    with pytest.raises(TopologyChanged) as e:
-        check_layout(saved, dict(saved["layout"], zero_stage=0), tmp_path)
-    assert "now runs it as ZeRO 0" in str(e.value) and "prime-scale convert" in str(e.value)
+        assert f"prime-scale train --resume {tmp_path}" in str(e.value)
+
+
+def test_resume_plan_says_what_is_resharded_and_what_is_not_continued(tmp_path):
+    from prime_scale.checkpoint.elastic import resume_plan
+
+    dp1 = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0, "precision": "fp32", "pipeline": False}
+    dp2 = dict(dp1, dp=2, zero_stage=1)
+    lines = resume_plan(dp1, dp2, 0.0, tmp_path)
+    assert lines[0].startswith("resuming under another layout (dp 1 -> 2, zero_stage 0 -> 1): resharding the fp32 "
+                               "master weights, Adam moments, EMA, LR schedule")
+    assert "nothing in training draws from them" in lines[-1]
+    lines = resume_plan(dp1, dict(dp2, precision="bf16"), 0.1, tmp_path)
+    assert any("precision fp32 -> bf16" in line for line in lines)
+    assert any("not continued: the RNG streams (model.dropout=0.1)" in line for line in lines)
+    assert resume_plan(dict(dp1, pp=2, pipeline=True, precision="bf16"), dp1, 0.0, tmp_path)  # bf16 pipeline: fine
+    for source, target, why in ((dp1, dict(dp2, zero_stage=3), "ZeRO 3"), (dict(dp1, zero_stage=3), dp2, "ZeRO 3"),
+                                (dict(dp1, precision="bf16"), dp2, "bf16 under ZeRO 0 without a pipeline")):
+        with pytest.raises(TopologyChanged) as e:
+            resume_plan(source, target, 0.0, tmp_path)
+        assert str(tmp_path) in str(e.value) and why in str(e.value)
+        assert f"prime-scale convert {tmp_path}" in str(e.value) and "--init-from" in str(e.value)
+
+
+def test_a_tensor_parallel_piece_taken_from_the_full_tensor_is_the_split_one_padded():
+    import torch
+
+    full = torch.arange(4 * 6, dtype=torch.float32).view(4, 6)
+    for dim, stride in ((0, 1), (1, 1), (1, 3)):
+        for rank in range(2):
+            assert torch.equal(shards.take(full, list(full.shape), dim, rank, 2, stride),
+                               shards.split(full, dim, rank, 2, stride))
+    # 4 rows over TP 3 with 2 per rank: the model pads to 6; the rows past the end are zeros
+    pieces = [shards.take(full, [4, 6], 0, rank, 3, local_size=2) for rank in range(3)]
+    assert torch.equal(torch.cat(pieces)[:4], full) and not torch.cat(pieces)[4:].any()
+    assert torch.equal(shards.take(full, [4, 6], None, 1, 2), full)
+    with pytest.raises(ValueError):
+        shards.take(full, [4, 6], 0, 0, 2, local_size=1)  # 2 × 1 rows cannot hold 4
 
 
 # --------------------------------------------------------------------------- CUDA RNG with fewer visible GPUs

@@ -24,7 +24,7 @@ from typing import Optional
 
 from prime_scale import fsio
 from prime_scale.checkpoint import catalog as mf
-from prime_scale.checkpoint.layout import Coords, check_layout, engine_layout
+from prime_scale.checkpoint.layout import Coords, engine_layout, planned_layout, same_layout
 from prime_scale.data.tokenizer import tokenizer_identity
 from prime_scale.errors import UserError
 from prime_scale.model.naming import name_map, unpadded_sizes
@@ -49,8 +49,22 @@ def check_resume(cfg, resume: Optional[str]) -> None:
     elif resume == "auto":
         if published and not any(mf.is_complete(p) for _, p in published):
             raise no_intact_checkpoint(directory, {p.name: mf.damage(p) for _, p in published})
+        newest = mf.find_latest_complete(directory)
+        if newest is not None:
+            _check_reshardable(cfg, newest)
     else:
-        mf.resolve_checkpoint(Path(resume), verify=False)  # contents are verified by every rank at start
+        # contents are verified by every rank at start
+        _check_reshardable(cfg, mf.resolve_checkpoint(Path(resume), verify=False))
+
+
+def _check_reshardable(cfg, folder: Path) -> None:
+    """A checkpoint of another layout must be one that can be resharded into this run's: refused
+    here, before any process starts (the ranks check again on the one they pick)."""
+    from prime_scale.checkpoint import elastic
+
+    saved, now = mf.read_manifest(folder)["layout"], planned_layout(cfg)
+    if not same_layout(saved, now):
+        elastic.resume_plan(saved, now, cfg.model.dropout, folder)
 
 
 def no_intact_checkpoint(directory: Path, damaged: dict) -> UserError:
@@ -209,24 +223,44 @@ class TrainingCheckpoints:
 
         manifest = mf.read_manifest(folder)
         self.check_compatible(folder, manifest)
-        restored = store.load(trainer.engine.ds, folder.parent, folder.name, where=Coords.of(trainer.par))
-        trainer.state.load_state_dict(restored.extra["train"])
-        trainer.train_loader.load_state_dict(restored.extra["loader"])
-        if trainer.engine.ema is not None:
-            if restored.ema is None:
-                raise UserError(f"{folder}: the run keeps an EMA (optim.ema={trainer.cfg.optim.ema}) but the "
-                                "checkpoint holds none; resume with optim.ema=0 or start a new run")
-            names = [n for n, _ in trainer.engine.module.named_parameters()]
-            trainer.engine.ema.load_state_dict({"shadow": [restored.ema[n] for n in names]})
+        where = Coords.of(trainer.par)
+        saved, now = manifest["layout"], engine_layout(trainer.engine.ds, where)
+        if same_layout(saved, now):
+            restored = store.load(trainer.engine.ds, folder.parent, folder.name, where=where)
+            extra = restored.extra
+            self._restore_ema(folder, restored.ema)
+        else:  # another layout: every tensor is cut anew for this rank, RNG streams start fresh
+            from prime_scale.checkpoint import elastic
+
+            plan = elastic.resume_plan(saved, now, trainer.cfg.model.dropout, folder)
+            if trainer.par.is_logging_rank:
+                print("\n".join(plan), flush=True)
+            result = {}
+
+            def reshard():
+                result["extra"] = elastic.load_resharded(trainer.engine, folder, manifest, trainer.vocab_size)
+
+            store.on_every_rank(f"{folder}: resharding into this layout", reshard)
+            extra = result["extra"]
+        trainer.state.load_state_dict(extra["train"])
+        trainer.train_loader.load_state_dict(extra["loader"])
         self.resumed_from = folder
         if trainer.par.is_logging_rank:
             dropped = truncate_metrics(Path(trainer.cfg.run.dir) / "metrics.jsonl", trainer.state.step)
             print(f"resumed from {folder} (step {trainer.state.step}, {trainer.state.tokens_seen:,} tokens seen"
                   f"{f'; {dropped} metrics records after it dropped' if dropped else ''})", flush=True)
 
+    def _restore_ema(self, folder: Path, saved: Optional[dict]) -> None:
+        engine = self.trainer.engine
+        if engine.ema is None:
+            return
+        names = [n for n, _ in engine.module.named_parameters()]
+        engine.ema.load_state_dict({"shadow": [saved[n] for n in names]})
+
     def check_compatible(self, folder: Path, manifest: dict) -> None:
-        """Refuse, before loading anything, a checkpoint this run cannot continue exactly."""
-        from prime_scale.checkpoint import store
+        """Refuse, before loading anything, a checkpoint this run cannot continue: another model,
+        seed or tokenizer, or a layout change that cannot be resharded (checkpoint/elastic.py)."""
+        from prime_scale.checkpoint import elastic
 
         t = self.trainer
         saved = manifest.get("recipe") or {}
@@ -240,4 +274,9 @@ class TrainingCheckpoints:
         if tok and tok_dir is not None and tokenizer_identity(tok_dir)["sha256"] != tok["sha256"]:
             raise UserError(f"{folder}: the data's tokenizer ({tok_dir}) is not the one the checkpoint was "
                             "trained with; resume with the original data")
-        check_layout(manifest, engine_layout(t.engine.ds, Coords.of(t.par)), folder)
+        if t.engine.ema is not None and not manifest.get("ema"):
+            raise UserError(f"{folder}: the run keeps an EMA (optim.ema={t.cfg.optim.ema}) but the checkpoint "
+                            "holds none; resume with optim.ema=0 or start a new run")
+        now = engine_layout(t.engine.ds, Coords.of(t.par))
+        if not same_layout(manifest["layout"], now):
+            elastic.resume_plan(manifest["layout"], now, t.cfg.model.dropout, folder)  # raises if unsupported

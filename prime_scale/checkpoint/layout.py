@@ -76,6 +76,15 @@ def engine_layout(engine, c: "Coords" = None) -> dict:
             "pipeline": getattr(engine, "grid", None) is not None}
 
 
+def planned_layout(cfg) -> dict:
+    """The layout a recipe (its parallel.dp resolved) will run, as engine_layout will report it."""
+    from prime_scale.config import resolve_zero_stage
+
+    p = cfg.parallel
+    return {"world_size": p.tp * p.pp * p.dp, "tp": p.tp, "pp": p.pp, "dp": p.dp,
+            "zero_stage": resolve_zero_stage(cfg, p.dp), "precision": cfg.precision, "pipeline": p.pp > 1}
+
+
 def _layer_files(engine) -> dict[str, tuple[str, str]]:
     """Pipeline engine: local name -> (layer file, key in it) for every parameter and buffer."""
     module = engine.module
@@ -92,11 +101,21 @@ def _layer_files(engine) -> dict[str, tuple[str, str]]:
     return where
 
 
+def _optimizer_slots(engine) -> dict[int, int]:
+    """ZeRO 0 in fp32, where torch's AdamW holds the module's own parameters: id(parameter) -> its
+    index in the optimizer's state_dict (how a reshard finds its Adam moments). Empty otherwise."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return {}
+    params = [p for g in getattr(engine.optimizer, "param_groups", []) for p in g["params"]]
+    return {id(p): slot for slot, p in enumerate(params)}
+
+
 def param_table(engine, name_map: NameMap, unpadded: Mapping[str, int]) -> dict:
     """What the converter needs to rebuild full tensors without model code: every parameter's local
     (DeepSpeed) name, canonical name, TP-local shape, megatron partitioning, and the true size along
     the partition dim of tensors padded to a multiple of the TP degree (vocabulary rows)."""
     layer_files = _layer_files(engine)
+    slots = _optimizer_slots(engine)
     params = []
     for local, p in engine.module.named_parameters():
         dim, stride = partition_info(p)
@@ -108,6 +127,8 @@ def param_table(engine, name_map: NameMap, unpadded: Mapping[str, int]) -> dict:
             entry["unpadded_size"] = int(unpadded[name])
         if local in layer_files:
             entry["layer_file"], entry["layer_key"] = layer_files[local]
+        if id(p) in slots:
+            entry["optim_slot"] = slots[id(p)]
         params.append(entry)
     buffers = []
     for local, b in persistent_buffers(engine.module):
@@ -120,29 +141,26 @@ def param_table(engine, name_map: NameMap, unpadded: Mapping[str, int]) -> dict:
 
 
 
+LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage", "precision")
+
+
+def same_layout(saved: dict, now: dict) -> bool:
+    """The checkpoint's files are sharded exactly as this engine's state is."""
+    return all(saved.get(k) == now.get(k) for k in LAYOUT_KEYS)
+
+
+def show_layout(d: dict) -> str:
+    return " ".join(f"{k}={d.get(k)}" for k in LAYOUT_KEYS)
+
+
 def check_layout(manifest: dict, layout: dict, path: Path) -> None:
-    """TopologyChanged unless the checkpoint's layout is this engine's layout."""
+    """TopologyChanged unless the checkpoint's layout is this engine's layout (what DeepSpeed's own
+    loader, store.load, needs; `prime-scale train --resume` reshards other layouts, elastic.py)."""
     saved = manifest["layout"]
-    keys = ("tp", "pp", "dp", "zero_stage", "precision")
-    if all(saved.get(k) == layout.get(k) for k in keys):
+    if same_layout(saved, layout):
         return
-
-    def show(d: dict) -> str:
-        return f"tp={d['tp']} pp={d['pp']} dp={d['dp']} zero_stage={d['zero_stage']} precision={d['precision']}"
-
-    others = [k for k in keys if k != "zero_stage"]
-    if (all(saved.get(k) == layout.get(k) for k in others) and saved.get("dp") == 1 and layout["zero_stage"] == 0
-            and saved.get("zero_stage") in (1, 2) and saved.get("precision") == "fp32"):
-        raise TopologyChanged(
-            f"{path} was written with {show(saved)}: before 2026-12-02 prime-scale ran fp32 ZeRO "
-            f"{saved['zero_stage']} on one data-parallel rank as DeepSpeed's partitioned optimizer; it now runs "
-            f"it as ZeRO 0 (one rank has nothing to partition; docs/training.md, Layouts), whose optimizer "
-            f"state DeepSpeed keeps in another form. Resume it with the version that wrote it, or convert it "
-            f"(prime-scale convert {path} --out DIR) and start from those weights with --init-from "
-            f"(fresh optimizer state).")
-
     raise TopologyChanged(
-        f"{path} was written with {show(saved)}; this run has {show(layout)}. The optimizer state in a "
-        f"DeepSpeed checkpoint is sharded for the layout that wrote it, so it cannot be resumed exactly "
-        f"here. Either launch with the original layout, or convert it (prime-scale convert {path} --out DIR) "
-        f"and start the new layout from those weights (fresh optimizer state).")
+        f"{path} was written with {show_layout(saved)}; this engine has {show_layout(layout)}. DeepSpeed's files "
+        f"are sharded for the layout that wrote them, so they load only there: resume with `prime-scale train "
+        f"--resume {path}`, which reshards them into the new layout (docs/checkpoints.md), or launch with the "
+        f"original layout.")

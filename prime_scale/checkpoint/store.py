@@ -70,7 +70,7 @@ def _all_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _on_every_rank(what: str, fn: Callable[[], None]) -> None:
+def on_every_rank(what: str, fn: Callable[[], None]) -> None:
     """Run fn on this rank; if it fails on any rank, every rank raises (instead of the others
     waiting forever at the next barrier)."""
     error = None
@@ -183,7 +183,7 @@ def _save_into(engine, tmp: Path, final: Path, c: Coords, step: int, payload: di
         engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"prime_scale_step": int(step)},
                                save_latest=False)
 
-    _on_every_rank(f"checkpoint step {step}: writing DeepSpeed's files", deepspeed_files)
+    on_every_rank(f"checkpoint step {step}: writing DeepSpeed's files", deepspeed_files)
 
     ema_mode = None if ema is None else (EMA_PER_RANK if _zero3(engine) else EMA_PER_SHARD)
 
@@ -198,14 +198,14 @@ def _save_into(engine, tmp: Path, final: Path, c: Coords, step: int, payload: di
             _save_ema(tmp, c, engine, ema, ema_mode)
         (tmp / LAYOUT_DIR / f"rank_{c.rank:05d}.json").write_text(json.dumps(record))
 
-    _on_every_rank(f"checkpoint step {step}: writing", write_own_files)
+    on_every_rank(f"checkpoint step {step}: writing", write_own_files)
 
     def hash_own_share():  # every rank hashes and flushes a share of the files: the work spreads
         files = mf.relative_files(tmp, skip=(LAYOUT_DIR,))
         records = mf.describe_files(tmp, files[c.rank::c.world])
         (tmp / LAYOUT_DIR / f"files_{c.rank:05d}.json").write_text(json.dumps(records))
 
-    _on_every_rank(f"checkpoint step {step}: hashing", hash_own_share)  # also the barrier before publishing
+    on_every_rank(f"checkpoint step {step}: hashing", hash_own_share)  # also the barrier before publishing
 
     def publish():
         if c.rank == 0:
@@ -213,7 +213,7 @@ def _save_into(engine, tmp: Path, final: Path, c: Coords, step: int, payload: di
             if keep_last is not None:
                 mf.apply_retention(ckpt_dir, keep_last, protect)
 
-    _on_every_rank(f"checkpoint step {step}: publishing", publish)
+    on_every_rank(f"checkpoint step {step}: publishing", publish)
     return final
 
 

@@ -38,6 +38,8 @@ from prime_scale.export.untrusted import read_header
 
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 OSD = "optimizer_state_dict"
+BASE = "base_optimizer_state"  # the torch optimizer's state_dict inside DeepSpeed's partitioned optimizers
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state besides its step count
 MIN_BUDGET = 16 << 20  # bytes read through one set of mappings before they are dropped
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
@@ -55,6 +57,7 @@ class Piece:
     shape: list[int]
     layer_file: Optional[str] = None
     layer_key: Optional[str] = None
+    optim_slot: Optional[int] = None  # ZeRO 0 in fp32: the parameter's index in the optimizer's state_dict
 
 
 @dataclasses.dataclass
@@ -101,7 +104,7 @@ def plan(manifest: dict) -> list[TensorPlan]:
                         raise UserError(f"manifest: {entry['local']} exists on TP rank 0 of stage {pp} "
                                         f"but not on TP rank {t}")
                     pieces.append(Piece(t, pp, stage[t]["mp_file_rank"], e["local"], e["shape"],
-                                        e.get("layer_file"), e.get("layer_key")))
+                                        e.get("layer_file"), e.get("layer_key"), e.get("optim_slot")))
                 shape = list(entry["shape"])
                 if dim is not None and tp_size > 1:
                     shape[dim] *= tp_size
@@ -220,8 +223,14 @@ class ShardedReader:
 
     # ---------------------------------------------------------------- reading one piece
 
-    def read(self, plan_: TensorPlan, piece: Piece) -> torch.Tensor:
-        if self.weights == "ema" and plan_.kind == "param":
+    def read(self, plan_: TensorPlan, piece: Piece, state: Optional[str] = None) -> torch.Tensor:
+        """One piece as stored: the weights (fp32 masters where a master copy exists), or with
+        `state` one of AdamW's moments (MOMENTS; fp32, zeros before the optimizer's first step)."""
+        if state is not None:
+            if plan_.kind != "param" or state not in MOMENTS:
+                raise ValueError(f"{plan_.name}: no optimizer state {state!r}")
+            t = self._read_moment(piece, state)
+        elif self.weights == "ema" and plan_.kind == "param":
             t = self._read_ema(piece)
         elif plan_.kind == "param" and self._mp_index(piece.mp_file_rank) is not None:
             t = self._read_master(self._mp_index(piece.mp_file_rank), piece)
@@ -277,21 +286,81 @@ class ShardedReader:
             base += size
         return out[0] if len(out) == 1 else torch.cat(out)
 
+    def _model_file(self, mp: int) -> Path:
+        zero3 = self.manifest["layout"]["zero_stage"] == 3
+        return self.folder / (f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt" if zero3
+                              else f"mp_rank_{mp:02d}_model_states.pt")
+
     def _read_module(self, piece: Piece) -> torch.Tensor:
         if piece.layer_file is not None:  # pipeline engine: one file per layer and TP rank
             return self.files.get(self.folder / piece.layer_file)[piece.layer_key].clone()
-        zero3 = self.manifest["layout"]["zero_stage"] == 3
-        name = (f"zero_pp_rank_0_mp_rank_{piece.mp_file_rank:02d}_model_states.pt" if zero3
-                else f"mp_rank_{piece.mp_file_rank:02d}_model_states.pt")
-        module = self.files.get(self.folder / name)["module"]
+        path = self._model_file(piece.mp_file_rank)
+        module = self.files.get(path)["module"]
         if module is None or piece.local not in module:
-            raise UserError(f"{self.folder / name}: no tensor {piece.local}")
+            raise UserError(f"{path}: no tensor {piece.local}")
         return module[piece.local].clone()
+
+    # ---------------------------------------------------------------- optimizer state
+
+    def _read_moment(self, piece: Piece, key: str) -> torch.Tensor:
+        index = self._mp_index(piece.mp_file_rank)
+        numel = math.prod(piece.shape)
+        if index is None:  # ZeRO 0 in fp32: torch's own optimizer state_dict, in the model file
+            if piece.optim_slot is None:
+                raise UserError(f"{self.folder}: the manifest records no optimizer slot for {piece.local} (the "
+                                "checkpoint predates resharding of optimizer state); resume it under the layout "
+                                "that wrote it")
+            state = self._torch_states(piece.mp_file_rank).get(piece.optim_slot)
+            return state[key].clone().view(piece.shape) if state else torch.zeros(piece.shape)
+        if index["kind"] != "slices":
+            raise UserError(f"{self.folder}: reading the Adam moments of a ZeRO-3 checkpoint is not supported; "
+                            "resume it under the layout that wrote it")
+        parts = []
+        for path, g, start, n in index["frags"][piece.local]:
+            state = self.files.get(path)[OSD][BASE]["state"].get(g)  # one flat partition per group
+            parts.append(state[key].narrow(0, start, n).clone() if state else torch.zeros(n))
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if flat.numel() != numel:
+            raise UserError(f"{self.folder}: the optimizer state of {piece.local} holds {flat.numel()} elements, "
+                            f"its shape {piece.shape} needs {numel}")
+        return flat.view(piece.shape)
+
+    def _torch_states(self, mp: int) -> dict:
+        path = self._model_file(mp)
+        osd = self.files.get(path).get("optimizer")
+        if not isinstance(osd, dict) or "state" not in osd:
+            raise UserError(f"{path}: no optimizer state (the checkpoint has none for this layout)")
+        return osd["state"]
+
+    def adam_step(self) -> Optional[float]:
+        """AdamW's step count, the same for every parameter (steps whose update was dropped are not
+        counted); None when the optimizer has not stepped yet."""
+        seen = set()
+        for mp in sorted({s["mp_file_rank"] for s in self.manifest["shards"]}):
+            index = self._mp_index(mp)
+            if index is None:
+                states = list(self._torch_states(mp).values())
+            elif index["kind"] == "slices":
+                states = [st for path in self.optim_files[mp] for st in self.files.get(path)[OSD][BASE]["state"].values()]
+            else:
+                raise UserError(f"{self.folder}: reading the optimizer state of a ZeRO-3 checkpoint is not "
+                                "supported; resume it under the layout that wrote it")
+            seen |= {float(st["step"]) for st in states if "step" in st}
+        if len(seen) > 1:
+            raise UserError(f"{self.folder}: the optimizer's step counts differ between parameters ({sorted(seen)}): "
+                            "the checkpoint is inconsistent")
+        return seen.pop() if seen else None
+
+    def engine_state(self) -> dict:
+        """DeepSpeed's counters and the LR schedule, as the engine saved them (the same on every rank)."""
+        sd = self.files.get(self._model_file(0))
+        return {k: sd.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
 
     # ---------------------------------------------------------------- full tensors
 
-    def full(self, p: TensorPlan) -> torch.Tensor:
-        pieces = [self.read(p, piece) for piece in p.pieces]
+    def full(self, p: TensorPlan, state: Optional[str] = None) -> torch.Tensor:
+        """The whole tensor (TP pieces joined, padding dropped); `state`: an Adam moment of it."""
+        pieces = [self.read(p, piece, state) for piece in p.pieces]
         full = shards.join(pieces, p.partition_dim, p.stride)
         if p.unpadded_size is not None:  # drop the rows the TP degree added
             full = full.narrow(p.partition_dim, 0, p.unpadded_size)

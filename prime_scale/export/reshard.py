@@ -39,32 +39,6 @@ def read_config(path: Union[str, Path]) -> dict:
     return untrusted.parse_config(raw, f)
 
 
-def _read_slice(f, name: str, full_shape: list[int], dim: Optional[int], rank: int, world: int,
-                stride: int) -> torch.Tensor:
-    if dim is None or world == 1:
-        return f.get_tensor(name)
-    sl = f.get_slice(name)
-    parts = []
-    for a, b in shards.ranges(full_shape[dim], rank, world, stride):
-        index = tuple(slice(a, b) if d == dim else slice(None) for d in range(len(full_shape)))
-        parts.append(sl[index])
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def _read_padded(f, name: str, full_shape: list[int], dim: int, padded_size: int, rank: int, world: int,
-                 stride: int) -> torch.Tensor:
-    """This rank's piece of a tensor the model pads along `dim` to padded_size: the file's rows, then zeros."""
-    if stride != 1:
-        raise UserError(f"{name}: padding a strided TP partition is not supported")
-    size = padded_size // world
-    start, stop = min(rank * size, full_shape[dim]), min((rank + 1) * size, full_shape[dim])
-    index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(full_shape)))
-    part = f.get_slice(name)[index]
-    pad_shape = list(part.shape)
-    pad_shape[dim] = size - part.shape[dim]
-    return torch.cat([part, torch.zeros(pad_shape, dtype=part.dtype)], dim=dim)
-
-
 @torch.no_grad()
 def load_consolidated_into(model: torch.nn.Module, path: Union[str, Path], *, name_map: NameMap = None,
                            tp_rank: int = 0, tp_size: int = 1, where: Optional[str] = None) -> list[str]:
@@ -95,12 +69,14 @@ def load_consolidated_into(model: torch.nn.Module, path: Union[str, Path], *, na
                     raise UserError(f"{where}: tensor {name} is {entry.dtype} in the file, but the model's {local} "
                                     f"is {tensor.dtype}; {untrusted.REEXPORT}")
                 full_shape = list(entry.shape)
-                if dim is not None and tensor.shape[dim] * tp_size > full_shape[dim]:
-                    # rows this TP degree pads on (e.g. vocabulary rounded up to a multiple of TP): zero
-                    piece = _read_padded(f, name, full_shape, dim, tensor.shape[dim] * tp_size, tp_rank,
-                                         tp_size, stride)
-                else:
-                    piece = _read_slice(f, name, full_shape, dim, tp_rank, tp_size, stride)
+                # rows this TP degree pads on (e.g. vocabulary rounded up to a multiple of TP) come out zero
+                local_size = tensor.shape[dim] if dim is not None else None
+                source = f.get_tensor(name) if dim is None else f.get_slice(name)  # a slice reads only the piece
+                try:
+                    piece = shards.take(source, full_shape, dim, tp_rank, tp_size, stride, local_size)
+                except ValueError as e:
+                    raise UserError(f"{where}: {name} of full shape {full_shape} does not fit the model's "
+                                    f"{local} {list(tensor.shape)} on TP rank {tp_rank} of {tp_size}: {e}") from None
                 if piece.shape != tensor.shape:
                     raise UserError(f"{where}: {name} has full shape {full_shape}; TP rank {tp_rank} of {tp_size} "
                                     f"gets {list(piece.shape)}, but the model's {local} is {list(tensor.shape)}")

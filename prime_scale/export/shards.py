@@ -39,3 +39,30 @@ def split(full: torch.Tensor, dim: Optional[int], rank: int, world: int, stride:
         return full
     parts = [full.narrow(dim, a, b - a) for a, b in ranges(full.shape[dim], rank, world, stride)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def take(source, full_shape: Sequence[int], dim: Optional[int], rank: int, world: int, stride: int = 1,
+         local_size: Optional[int] = None) -> torch.Tensor:
+    """TP rank `rank`'s piece of a tensor of `full_shape`, read from `source` by slicing only: a tensor,
+    or a safetensors slice (then only the piece's bytes are read). local_size: the rank's size along
+    `dim` when the model pads the tensor to a multiple of the TP degree (vocabulary rows); the rows past
+    the tensor's end come out as zeros. dim None: the tensor is replicated, every rank takes all of it."""
+    everything = tuple(slice(None) for _ in full_shape)
+    if dim is None:
+        return source[everything]
+    size = full_shape[dim]
+    padded = size if local_size is None else local_size * world
+    if padded == size:
+        spans = ranges(size, rank, world, stride)
+    elif padded < size or stride != 1:
+        raise ValueError(f"a piece of {local_size} along dim {dim} on each of {world} TP ranks cannot hold "
+                         f"size {size}" + (" (padding a strided partition is not supported)" if stride != 1 else ""))
+    else:
+        spans = [(min(rank * local_size, size), min((rank + 1) * local_size, size))]
+    parts = [source[everything[:dim] + (slice(a, b),) + everything[dim + 1:]] for a, b in spans]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    if padded != size:
+        missing = list(out.shape)
+        missing[dim] = local_size - out.shape[dim]
+        out = torch.cat([out, torch.zeros(missing, dtype=out.dtype)], dim=dim)
+    return out
