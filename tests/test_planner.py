@@ -62,6 +62,20 @@ def test_stage_counts_add_up_to_the_models_own_count(recipe, gpus):
     assert sum(s["blocks"] for s in plan["stages"]) == cfg.model.layers
 
 
+@pytest.mark.parametrize("recipe,gpus", [("prime-7b", 64), ("tiny-cpu", 1)])
+def test_the_reshard_reads_sixteen_bytes_per_parameter_of_each_stage(recipe, gpus):
+    # fp32 master, two Adam moments and the EMA of every full tensor of the stage (resume after a layout change)
+    cfg, plan = _plan(recipe, gpus, ["optim.ema=0.99"])
+    assert sum(s["reshard_read_bytes"] for s in plan["stages"]) == 16 * plan["parameters"]["as_trained"]
+    _, no_ema = _plan(recipe, gpus, ["optim.ema=0"])
+    assert sum(s["reshard_read_bytes"] for s in no_ema["stages"]) == 12 * plan["parameters"]["as_trained"]
+    assert plan["layout_change"]["reshardable"]
+    _, zero3 = _plan("tiny-cpu", 1, ["parallel.zero_stage=3"])
+    assert not zero3["layout_change"]["reshardable"] and "ZeRO 3" in zero3["layout_change"]["why"]
+    _, bf16 = _plan("tiny-cpu", 1, ["precision=bf16"])
+    assert bf16["layout_change"]["reshardable"] and not bf16["layout_change"]["exact"]
+
+
 @pytest.mark.parametrize("recipe,gpus", SHIPPED)
 def test_verify_builds_the_ranks_of_every_shipped_recipe_and_finds_the_planned_counts(recipe, gpus):
     from prime_scale.planner.dryrun import verify

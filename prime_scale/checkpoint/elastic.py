@@ -42,7 +42,7 @@ CONVERT = ("or convert it (prime-scale convert {path} --out DIR) and start this 
            "--init-from (fresh optimizer state, step 0)")
 
 
-def _supported(layout: dict) -> Optional[str]:
+def unsupported_reason(layout: dict) -> Optional[str]:
     """Why a layout's optimizer state cannot be resharded (None: it can)."""
     if layout["zero_stage"] == 3:
         return "ZeRO 3 partitions every parameter itself"
@@ -55,7 +55,7 @@ def resume_plan(saved: dict, now: dict, dropout: float, path: Path) -> list[str]
     """What resuming checkpoint `path` of layout `saved` under layout `now` changes, line by line for
     the log; raises TopologyChanged when it cannot be done."""
     for which, layout in (("the checkpoint's", saved), ("this run's", now)):
-        why = _supported(layout)
+        why = unsupported_reason(layout)
         if why:
             raise TopologyChanged(f"{path}: resuming under another layout ({show_layout(saved)} -> "
                                   f"{show_layout(now)}) is not supported for {which} layout: {why}. Launch with "

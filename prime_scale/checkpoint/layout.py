@@ -3,8 +3,9 @@
 Coords say where a rank sits (TP, PP, DP coordinates and sizes); the trainer builds them from its
 ParallelState, a bare DeepSpeed engine is asked through its pipeline grid or mpu. The parameter
 table records, per model-parallel shard, every tensor's local and canonical name, TP-local shape
-and megatron partitioning, so exports need no model code. A checkpoint resumes only under the
-layout that wrote it (check_layout).
+and megatron partitioning (and, under fp32 ZeRO 0, its slot in the optimizer's state), so exports
+and reshards need no model code. DeepSpeed's loader takes a checkpoint only under the layout that
+wrote it (check_layout); elastic.py reshards it into any other.
 """
 
 from __future__ import annotations

@@ -97,6 +97,10 @@ def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None)
         stages.append({**stage, "model_state": state, "activations": act, "memory": total,
                        "fits": total["total"] <= gpu.memory_bytes,
                        "host_init_bytes": 4 * (psi + stage["largest_full_layer"]),
+                       # resuming under another layout: the fp32 master, both Adam moments and the EMA
+                       # of every full (un-TP-split) tensor of the stage, read by each of its ranks
+                       "reshard_read_bytes": (12 + 4 * (cfg.optim.ema > 0)) * (stage["sharded"] * p.tp
+                                                                                + stage["replicated"]),
                        "communication": {"tp": tp_comm, "dp": dp_comm, "pp_bytes": pp_bytes}, "time": time})
     step_s = max(st["time"]["step_s"] for st in stages)
     tokens_per_gpu = step_tokens / step_s / gpus
@@ -111,10 +115,25 @@ def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None)
         "flops_per_token": flops_token, "flops_per_step": flops_step, "step_s": step_s,
         "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": flops_token * tokens_per_gpu / gpu.peak_bf16_flops,
+        "layout_change": _layout_change(cfg, zero),
         "assumptions": ASSUMPTIONS,
     }
     plan["fixes"] = [] if plan["fits"] else _fixes(cfg, gpus, gpu, V)
     return plan
+
+
+def _layout_change(cfg: Config, zero: int) -> dict:
+    """Whether a checkpoint of another layout can continue under this one (checkpoint/elastic.py)."""
+    from prime_scale.checkpoint.elastic import unsupported_reason
+
+    why = unsupported_reason({"zero_stage": zero, "precision": cfg.precision, "pipeline": cfg.parallel.pp > 1})
+    if why:
+        return {"reshardable": False, "exact": False, "why": why}
+    exact = cfg.precision == "fp32" and cfg.model.dropout == 0
+    return {"reshardable": True, "exact": exact,
+            "why": "fp32 without dropout: the uninterrupted run's losses to ~1e-5" if exact else
+            ("dropout masks are drawn afresh" if cfg.model.dropout else
+             "state carries over bit for bit; the losses follow this layout's bf16 arithmetic")}
 
 
 def _fixes(cfg: Config, gpus: int, gpu: GpuKind, vocab: int) -> list[dict]:
@@ -180,6 +199,15 @@ def render(plan: dict) -> str:
                  f"{plan['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {plan['mfu']:.0%}")
     lines.append(f"host memory at initialisation (megatron draws each full matrix on the CPU): up to "
                  f"{_gib(max(st['host_init_bytes'] for st in plan['stages']))} GiB per rank")
+    change = plan["layout_change"]
+    if change["reshardable"]:
+        read = max(st["reshard_read_bytes"] for st in plan["stages"])
+        amount = f"{_gib(read)} GiB" if read >= GiB else f"{read / (1 << 20):.0f} MiB"
+        lines.append(f"resume from another layout (--resume reshards): each rank reads up to {amount} (fp32 masters, Adam moments "
+                     f"and EMA of its stage); {'exact' if change['exact'] else 'not exact'}: {change['why']}")
+    else:
+        lines.append(f"resume from another layout: not possible here ({change['why']}); resume under the "
+                     "checkpoint's layout, or convert and start with --init-from")
     capacity = g["memory_bytes"]
     if plan["fits"]:
         lines.append(f"verdict: FITS — peak {_gib(plan['peak_bytes'])} GiB of {_gib(capacity)} GiB per GPU")
