@@ -72,8 +72,7 @@ def train_cell(args, ell: int, objective: str, run_dir: Path) -> None:
     from prime_scale.train import Trainer, preflight
 
     cfg = load_recipe(args.recipe, _overrides(args, ell, objective, run_dir))
-    resolve_dp(cfg, 1)
-    preflight(cfg, "auto", None)
+    preflight(cfg, "auto", None, resolve_dp(cfg, 1))
     if cfg.data.path is None and not cfg.data.mixture:
         from data_prep.demo import ensure_demo_corpus
 

@@ -35,17 +35,18 @@ from prime_scale.noise import make_batch
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a scheduler's preemption notice, a user's request, Ctrl-C
 
 
-def preflight(cfg: Config, resume: Optional[str], init_from: Optional[str]) -> None:
+def preflight(cfg: Config, resume: Optional[str], init_from: Optional[str], dp: int) -> None:
     """Checks that need no process group, run before anything starts: --resume and --init-from
     exclude each other, the checkpoint to continue from is complete (or the directory holds no
-    earlier run), and consolidated weights to start from are of this model."""
+    earlier run) and, if written under another layout, reshardable into this one (dp data-parallel
+    ranks), and consolidated weights to start from are of this model."""
     from prime_scale.checkpoint.hooks import check_resume
     from prime_scale.export.reshard import check_init_from
 
     if resume is not None and init_from is not None:
         raise UserError("give either --resume (continue a run) or --init-from (start a new run from "
                         "consolidated weights), not both")
-    check_resume(cfg, resume)
+    check_resume(cfg, resume, dp)
     if init_from is not None:
         check_init_from(cfg, init_from)
 

@@ -8,15 +8,15 @@ so DP goes 1 -> 2 -> 1 under ZeRO 1 and under ZeRO 2 (one data-parallel rank run
 ZeRO 0, so each of those also changes the ZeRO stage), TP 1 -> 2 -> 1 and PP 1 -> 2 -> 1. Its
 per-step losses, gradient norms and learning rates must equal those of one uninterrupted run on one
 process to a relative 1e-5 (the tolerance within which every layout already gives the same losses,
-test_parallel_layouts), and so must the last step's validation bound, computed with the resharded EMA
-weights. The warm-up spans three segments, so a schedule restored at the wrong step shows. The
+test_parallel_layouts), and so must the validation bound at every segment's end, computed with the
+resharded EMA weights. The warm-up spans three segments, so a schedule restored at the wrong step shows. The
 samples each step trained on (their ids, over all data-parallel ranks) must be those of the
 uninterrupted run: none repeated, none skipped. Every segment that changes the layout says so in its
 log, with what it does not continue (the RNG streams).
 
-Through the CLI: `prime-scale train --nproc 2 --resume auto` continues a one-process run with dropout
-on, and says that the dropout streams are not continued; a layout that cannot be resharded (ZeRO 3)
-is refused before any process starts, with the checkpoint left as it was.
+Through the CLI, the chain's run continues: a layout that cannot be resharded (ZeRO 3) is refused
+before any process starts, every file left as it was; `prime-scale train --nproc 2 parallel.tp=2
+--resume auto` continues it with the uninterrupted run's losses.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ STEPS = SEG * len(CHAIN)
 COMMON = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.seq_len=32", "model.dropout=0.0",
           "optim.schedule=constant", "optim.warmup_steps=5", "optim.ema=0.9", "optim.clip=1.0",
           "optim.weight_decay=0.01", "train.global_batch=8", "train.micro_batch=2", "train.log_every=1",
-          "eval.every=0", "eval.batches=2", "eval.final_batches=2", "eval.mc_samples=1", "checkpoint.keep_last=2",
+          f"eval.every={SEG}", "eval.batches=2", "eval.final_batches=2", "eval.mc_samples=1", "checkpoint.keep_last=2",
           "logging.wandb=disabled", "data.num_workers=0", "parallel.zero_stage=1"]
 REL = 1e-5
 
@@ -54,7 +54,7 @@ def segment(run_dir: str, overrides: list, steps: int, resume) -> dict:
     from prime_scale.train import Trainer
 
     class Recording(Trainer):
-        seen: dict = {}
+        seen: dict = {}  # step -> ids of the samples this rank trained on
 
         def micro_batches(self, iterator, step):
             ids = self.seen.setdefault(str(step), [])
@@ -98,8 +98,8 @@ def chain(tmp_path_factory):
 
     ensure_demo_corpus(seq_len=32)  # once, before the processes would queue on its lock
     work = tmp_path_factory.mktemp("elastic")
-    reference = launch(1, "test_elastic_resume:segment",
-                       {"run_dir": str(work / "reference"), "overrides": [], "steps": STEPS, "resume": None},
+    reference = launch(1, "test_elastic_resume:segment",  # two steps longer: the CLI test continues the chain
+                       {"run_dir": str(work / "reference"), "overrides": [], "steps": STEPS + SEG, "resume": None},
                        timeout=300)
     segments = []
     for k, (name, nproc, overrides) in enumerate(CHAIN):
@@ -118,13 +118,14 @@ def test_the_chain_of_layouts_gives_the_uninterrupted_run(chain):
         layout = CHAIN[(step - 1) // SEG][0]
         for key in ("loss", "grad_norm", "lr"):
             assert got[step][key] == pytest.approx(ref[step][key], rel=REL), f"step {step} ({layout}): {key}"
-    # the resharded EMA weights: the last validation bound (eval runs them) is the uninterrupted run's
-    assert got[STEPS]["val_nll_bound"] == pytest.approx(ref[STEPS]["val_nll_bound"], rel=REL)
+    # the resharded EMA weights: every segment ends with a validation of them (eval.every = SEG)
+    for step in range(SEG, STEPS + 1, SEG):
+        assert got[step]["val_nll_bound"] == pytest.approx(ref[step]["val_nll_bound"], rel=REL), f"step {step}"
 
 
 def test_the_data_stream_continues_without_repeats_or_gaps(chain):
     _, reference, segments = chain
-    expected = _samples(reference)
+    expected = {step: ids for step, ids in _samples(reference).items() if step < STEPS}
     got = {}
     for seg in segments:
         got.update(_samples(seg))
@@ -139,7 +140,7 @@ def test_a_changed_layout_is_stated_in_the_log(chain):
         log = seg[0]["log"]
         assert "resuming under another layout (" in log, f"segment {k} ({CHAIN[k][0]}):\n{log[-2000:]}"
         assert "RNG streams start fresh: nothing in training draws from them (model.dropout = 0)" in log
-        assert f"resumed from {Path(log.split('resumed from ')[1].split(' ')[0]).parent}" in log
+        assert f"/step_{SEG * k} (step {SEG * k}, {SEG * k * 8 * 32:,} tokens seen)" in log
     assert "(dp 1 -> 2, zero_stage 0 -> 1)" in segments[1][0]["log"]
     assert "(tp 2 -> 1, pp 1 -> 2)" in segments[5][0]["log"]
 
@@ -148,28 +149,34 @@ def test_a_changed_layout_is_stated_in_the_log(chain):
 
 def _cli(run_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "prime_scale.cli", "train", *COMMON, "model.dropout=0.1", f"run.dir={run_dir}",
-           "--samples", "0", *args]
+    cmd = [sys.executable, "-m", "prime_scale.cli", "train", *COMMON, f"run.dir={run_dir}", "--samples", "0", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_continues_on_more_processes_and_refuses_what_it_cannot_reshard(tmp_path):
-    run_dir = tmp_path / "run"
-    first = _cli(run_dir, "train.steps=2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    checkpoint = run_dir / "checkpoints" / "step_2"
-    before = sorted((p.relative_to(checkpoint), p.stat().st_size) for p in checkpoint.rglob("*") if p.is_file())
+def test_the_cli_refuses_what_it_cannot_reshard_and_continues_on_another_layout(chain):
+    work, _, _ = chain
+    run_dir = work / "chain"
+    newest = run_dir / "checkpoints" / f"step_{STEPS}"
+    def files():  # what the runs wrote (the run lock's own file aside)
+        return sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*")
+                      if p.is_file() and p.name != ".lock")
 
-    refused = _cli(run_dir, "train.steps=4", "parallel.zero_stage=3", "--nproc", "2", "--resume", "auto")
-    assert refused.returncode != 0
-    assert str(checkpoint) in refused.stderr and "ZeRO 3" in refused.stderr and "--init-from" in refused.stderr
+    before = files()
+
+    refused = _cli(run_dir, f"train.steps={STEPS + SEG}", "parallel.zero_stage=3", "--nproc", "2", "--resume", "auto")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert str(newest) in refused.stderr and "-> tp=1 pp=1 dp=2 zero_stage=3 precision=fp32)" in refused.stderr
+    assert "ZeRO 3" in refused.stderr and "--init-from" in refused.stderr
     assert "Traceback" not in refused.stderr
-    assert sorted((p.relative_to(checkpoint), p.stat().st_size) for p in checkpoint.rglob("*") if p.is_file()) == before
+    assert files() == before
 
-    more = _cli(run_dir, "train.steps=4", "parallel.zero_stage=2", "--nproc", "2", "--resume", "auto")
+    more = _cli(run_dir, f"train.steps={STEPS + SEG}", "parallel.tp=2", "--nproc", "2", "--resume", "auto")
     assert more.returncode == 0, more.stderr[-3000:]
-    assert "resuming under another layout (dp 1 -> 2, zero_stage 0 -> 2)" in more.stdout
-    assert "not continued: the RNG streams (model.dropout=0.1)" in more.stdout
-    assert sorted(_metrics(run_dir)) == [1, 2, 3, 4]
-    manifest = json.loads((run_dir / "checkpoints" / "step_4" / "manifest.json").read_text())
-    assert manifest["layout"]["dp"] == 2 and manifest["layout"]["zero_stage"] == 2
+    assert "resuming under another layout (tp 1 -> 2)" in more.stdout
+    assert "RNG streams start fresh" in more.stdout
+    ref, got = _metrics(work / "reference"), _metrics(run_dir)
+    assert sorted(got) == list(range(1, STEPS + SEG + 1))
+    for step in range(STEPS + 1, STEPS + SEG + 1):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=REL), f"step {step}"
+    manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS + SEG}" / "manifest.json").read_text())
+    assert manifest["layout"]["tp"] == 2

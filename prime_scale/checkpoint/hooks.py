@@ -37,9 +37,10 @@ def checkpoint_dir(cfg) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
 
 
-def check_resume(cfg, resume: Optional[str]) -> None:
+def check_resume(cfg, resume: Optional[str], dp: int) -> None:
     """Before anything starts: a new run must not write into a checkpoint directory of an earlier
-    run; a named checkpoint must exist and be complete."""
+    run; a named checkpoint must exist and be complete; one of another layout must be reshardable
+    into this run's (dp data-parallel ranks)."""
     directory = checkpoint_dir(cfg)
     published = mf.list_step_dirs(directory)
     if resume is None:
@@ -51,18 +52,18 @@ def check_resume(cfg, resume: Optional[str]) -> None:
             raise no_intact_checkpoint(directory, {p.name: mf.damage(p) for _, p in published})
         newest = mf.find_latest_complete(directory)
         if newest is not None:
-            _check_reshardable(cfg, newest)
+            _check_reshardable(cfg, newest, dp)
     else:
         # contents are verified by every rank at start
-        _check_reshardable(cfg, mf.resolve_checkpoint(Path(resume), verify=False))
+        _check_reshardable(cfg, mf.resolve_checkpoint(Path(resume), verify=False), dp)
 
 
-def _check_reshardable(cfg, folder: Path) -> None:
+def _check_reshardable(cfg, folder: Path, dp: int) -> None:
     """A checkpoint of another layout must be one that can be resharded into this run's: refused
     here, before any process starts (the ranks check again on the one they pick)."""
     from prime_scale.checkpoint import elastic
 
-    saved, now = mf.read_manifest(folder)["layout"], planned_layout(cfg)
+    saved, now = mf.read_manifest(folder)["layout"], planned_layout(cfg, dp)
     if not same_layout(saved, now):
         elastic.resume_plan(saved, now, cfg.model.dropout, folder)
 

@@ -77,13 +77,13 @@ def engine_layout(engine, c: "Coords" = None) -> dict:
             "pipeline": getattr(engine, "grid", None) is not None}
 
 
-def planned_layout(cfg) -> dict:
-    """The layout a recipe (its parallel.dp resolved) will run, as engine_layout will report it."""
+def planned_layout(cfg, dp: int) -> dict:
+    """The layout a recipe will run with dp data-parallel ranks, as engine_layout will report it."""
     from prime_scale.config import resolve_zero_stage
 
     p = cfg.parallel
-    return {"world_size": p.tp * p.pp * p.dp, "tp": p.tp, "pp": p.pp, "dp": p.dp,
-            "zero_stage": resolve_zero_stage(cfg, p.dp), "precision": cfg.precision, "pipeline": p.pp > 1}
+    return {"world_size": p.tp * p.pp * dp, "tp": p.tp, "pp": p.pp, "dp": dp,
+            "zero_stage": resolve_zero_stage(cfg, dp), "precision": cfg.precision, "pipeline": p.pp > 1}
 
 
 def _layer_files(engine) -> dict[str, tuple[str, str]]:

@@ -51,17 +51,17 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
     if args.nproc is not None:
         check_nproc(args.nproc)
-        resolve_dp(cfg, args.nproc)  # a layout that cannot work fails here, not in N tracebacks
+        dp = resolve_dp(cfg, args.nproc)  # a layout that cannot work fails here, not in N tracebacks
         lock_here = True  # the launcher holds the lock; its ranks inherit it
     else:
         launch = read_launch_env()  # bad launcher input: a clear error
-        resolve_dp(cfg, launch.world_size)
+        dp = resolve_dp(cfg, launch.world_size)
         lock_here = launch.rank == 0  # under torchrun / deepspeed: global rank 0 only
     # one training per run directory, locked before --resume reads it or anything is written there
     with run_lock.hold(run_lock.lock_dirs(cfg), take=lock_here) as locks:
         from prime_scale.train import preflight  # torch: imported once the directory is ours
 
-        preflight(cfg, args.resume, args.init_from)  # checkpoint mix-ups fail here too
+        preflight(cfg, args.resume, args.init_from, dp)  # checkpoint mix-ups fail here too
         _ensure_demo_corpus(cfg)
         if args.nproc is not None:
             from prime_scale.parallel.launch import launch_local
