@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8000)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_reshard_"))
+    work.mkdir(parents=True, exist_ok=True)
     model = [f"model.layers={args.layers}", f"model.hidden={args.hidden}", "model.heads=8", "model.ell=2",
              f"model.vocab_size={args.vocab}", "model.seq_len=64", "train.global_batch=2", "train.micro_batch=1",
              "optim.ema=0.99", "logging.wandb=disabled"]

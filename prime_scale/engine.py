@@ -18,6 +18,7 @@ ParallelState the engine is handed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -241,6 +242,9 @@ class Engine:
         it in skipped_steps and to hold the LR schedule."""
         step = optimizer.step
 
+        # functools.wraps keeps the marks torch's LR scheduler put on the step it wrapped: without them
+        # every run would warn that optimizer.step() was overridden after the scheduler was made
+        @functools.wraps(step)
         def guarded(*args, **kwargs):
             self._clip_before_step(optimizer)
             optimizer.overflow = not math.isfinite(self._norm)

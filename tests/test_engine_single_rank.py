@@ -10,6 +10,8 @@ and the same LR schedule, with no DeepSpeed, gives bit for bit the engine's loss
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -121,7 +123,11 @@ def test_one_rank_engine_trains_exactly_as_a_plain_torch_loop(stage, micro_batch
         clipped = 0
         for step in range(cfg.train.steps):
             batches = _batches(cfg, step, engine.gas)
-            result = engine.train_step(batches)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = engine.train_step(batches)
+            # our clipping wraps the step torch's LR scheduler marked: no warning that it was overridden
+            assert not [w for w in caught if "optimizer.step()" in str(w.message)], [str(w.message) for w in caught]
             lr = plain.sched.get_last_lr()[0]  # the rate this step uses
             loss, norm = plain.step(batches)
             assert result.loss == loss, (step, result.loss, loss)
