@@ -4,8 +4,9 @@ A Prime model (16 × 512, V = 8000, ℓ = 2, EMA on; ≈ 55M parameters) takes o
 engine under a source layout and is saved as the trainer saves it. Then, in fresh processes, each
 target layout builds its engine and loads that checkpoint: the layout that wrote it through DeepSpeed's
 own loader (store.load, the same-layout resume), every other through the reshard. Reported per target
-(the slowest rank): the load's wall time and its peak resident memory above the process's memory just
-before it (sampled every 2 ms), and the bytes each rank reads. For comparison, DeepSpeed's offline
+(the slowest rank): the load's wall time; its peak resident memory above the process's memory just
+before it (sampled every 2 ms), split into what stays (the optimizer state the load creates: a fresh
+engine has no Adam moments yet) and the transient above what stays. For comparison, DeepSpeed's offline
 conversion to its universal checkpoint format (ds_to_universal, the other way to change layouts) runs
 on the same ZeRO-1 checkpoint, its time and peak memory measured the same way.
 
@@ -135,9 +136,11 @@ def worker_load(spec: dict) -> None:
         else:
             elastic.load_resharded(engine, folder, manifest, cfg.model.vocab_size)
         seconds = time.perf_counter() - t0
+    after = _rss()
     params = sum(p.numel() for p in engine.module.parameters())
     Path(spec["out"] + f".{par.rank}").write_text(json.dumps(
         {"rank": par.rank, "seconds": seconds, "peak_above_mib": (mem.peak - mem.before) / MIB,
+         "kept_mib": (after - mem.before) / MIB, "transient_mib": (mem.peak - after) / MIB,
          "rss_before_mib": mem.before / MIB, "local_params": params, "how": "store.load" if same else "reshard"}))
     pstate.destroy()
 
@@ -146,15 +149,23 @@ def worker_universal(spec: dict) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     # DeepSpeed's converter unpickles the files in full (weights_only=False): run only on checkpoints you wrote
+    # --inject_missing_state: the converter wants the universal_checkpoint_info Megatron-DeepSpeed
+    # writes (TP merge patterns among it); without patterns every tensor counts as replicated over TP
     sys.argv = ["ds_to_universal", "--input_folder", spec["folder"], "--output_folder", spec["out_dir"],
-                "--num_extract_workers", "1", "--num_merge_workers", "1"]
+                "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
     args = ds_to_universal.parse_arguments()
+    error = None
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        ds_to_universal.main(args)
+        try:
+            ds_to_universal.main(args)
+        except Exception as e:  # measured as far as it gets, and the reason recorded
+            error = f"{type(e).__name__}: {e}"
         seconds = time.perf_counter() - t0
+    converted = len(list((Path(spec["out_dir"]) / "zero").glob("*/fp32.pt")))
     Path(spec["out"]).write_text(json.dumps({"seconds": seconds, "peak_above_mib": (mem.peak - mem.before) / MIB,
-                                             "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                                             "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                             "error": error, "tensors_converted": converted}))
 
 
 # --------------------------------------------------------------------------- driver
@@ -171,7 +182,19 @@ def _torchrun(nproc: int, kind: str, spec: dict, work: Path) -> None:
                            f"--master-port={port}", __file__, f"--{kind}", str(path)], env=env,
                           capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{kind} {spec}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+        raise RuntimeError(f"{kind} {spec}: {errors[:3]}\n{proc.stderr[-3000:]}")
+
+
+def universal(work: Path, folder: Path) -> dict:
+    out = work / "universal.json"
+    shutil.rmtree(work / "universal", ignore_errors=True)
+    _torchrun(1, "universal", {"folder": str(folder), "out_dir": str(work / "universal"), "out": str(out)}, work)
+    result = json.loads(out.read_text())
+    print(f"ds_to_universal of {folder}: {result['seconds']:.1f} s, {result['peak_above_mib']:.0f} MiB above the "
+          f"process's before; {result['tensors_converted']} tensors converted"
+          + (f"; FAILED: {result['error'][:300]}" if result["error"] else ""), flush=True)
+    return result
 
 
 def main() -> None:
@@ -180,6 +203,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--universal-only", action="store_true",
+                    help="only DeepSpeed's universal conversion, of the dp2 ZeRO-1 source already in --work")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_reshard_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -187,6 +212,9 @@ def main() -> None:
              f"model.vocab_size={args.vocab}", "model.seq_len=64", "train.global_batch=2", "train.micro_batch=1",
              "optim.ema=0.99", "logging.wandb=disabled"]
     folders = {}
+    if args.universal_only:
+        universal(work, work / "src-0" / "step_1")
+        return
     for name, (nproc, overrides) in SOURCES.items():
         ckpt = work / f"src-{len(folders)}"
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -203,31 +231,22 @@ def main() -> None:
         row = {"source": source, "target": target, "how": ranks[0]["how"],
                "seconds": max(r["seconds"] for r in ranks),
                "peak_above_mib": max(r["peak_above_mib"] for r in ranks),
+               "kept_mib": max(r["kept_mib"] for r in ranks), "transient_mib": max(r["transient_mib"] for r in ranks),
                "local_params": max(r["local_params"] for r in ranks)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    universal = None
-    out = work / "universal.json"
-    try:
-        _torchrun(1, "universal", {"folder": str(folders["dp2 ZeRO-1"]), "out_dir": str(work / "universal"),
-                                   "out": str(out)}, work)
-        universal = json.loads(out.read_text())
-        print("universal:", json.dumps(universal), flush=True)
-    except RuntimeError as e:
-        print(f"ds_to_universal failed: {str(e)[-1500:]}", flush=True)
+    result = universal(work, folders["dp2 ZeRO-1"])
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)
-    (results / "reshard.json").write_text(json.dumps({"rows": rows, "universal": universal,
+    (results / "reshard.json").write_text(json.dumps({"rows": rows, "universal": result,
                                                       "model": model}, indent=1))
     print()
-    print("| from | to | how | load time | peak memory above the process's before | parameters per rank |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| from | to | how | load time | peak above before | kept (the optimizer state created) | transient "
+          "(peak above after) | parameters per rank |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['source']} | {r['target']} | {r['how']} | {r['seconds']:.2f} s | {r['peak_above_mib']:.0f} MiB | "
-              f"{r['local_params'] / 1e6:.1f} M |")
-    if universal:
-        print(f"\nds_to_universal of the dp2 ZeRO-1 checkpoint: {universal['seconds']:.1f} s, "
-              f"{universal['peak_above_mib']:.0f} MiB above the process's before")
+              f"{r['kept_mib']:.0f} MiB | {r['transient_mib']:.0f} MiB | {r['local_params'] / 1e6:.1f} M |")
 
 
 if __name__ == "__main__":

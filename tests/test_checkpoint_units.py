@@ -278,3 +278,30 @@ def test_rng_restore_of_a_state_with_more_cuda_states_than_devices_does_not_fail
             rng.restore(state)
     else:
         rng.restore(state)
+
+
+def test_streams_reseeded_after_a_layout_change_depend_on_the_step():
+    """A resharded resume draws fresh dropout streams: seeded from (seed, step), so the masks of the
+    run's first steps are not drawn again, and the same resume draws the same ones."""
+    import types
+
+    import torch
+
+    from prime_scale.checkpoint.elastic import seed_streams
+    from prime_scale.parallel.state import seed_everything
+
+    par = types.SimpleNamespace(tp_rank=0, pp_rank=0, dp_rank=0)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        seed_everything(7, par)
+        start = torch.rand(8)
+        seed_streams(7, 200, par)
+        resumed = torch.rand(8)
+        seed_streams(7, 200, par)
+        again = torch.rand(8)
+        seed_streams(7, 201, par)
+        later = torch.rand(8)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    assert torch.equal(resumed, again)
+    assert not torch.equal(resumed, start) and not torch.equal(resumed, later)

@@ -12,9 +12,11 @@ the freshly built engine:
 - the trainer's counters and the data stream's position: the loader's state counts the samples of all
   ranks together, so the new data-parallel ranks continue the one global stream with no sample
   repeated or skipped (docs/data.md).
-Not continued: the per-rank RNG streams. Each rank of the new layout keeps the streams a fresh run
-seeds; only dropout draws from them during training (the Prime noise is keyed by seed, step and
-sample), so with model.dropout > 0 the masks differ from an uninterrupted run. resume_plan says so.
+Not continued: the per-rank RNG streams. No continuation of them would give the uninterrupted run's
+dropout masks (which rank draws for which sample changes with the layout), so every rank seeds its
+streams afresh from (seed, step): seed_streams. Only dropout draws from them during training (the
+Prime noise is keyed by seed, step and sample), so with model.dropout > 0 the masks differ from an
+uninterrupted run's; resume_plan says so in the log.
 
 Each rank reads the full tensors of its own pipeline stage (masters, moments and EMA: 16 bytes per
 parameter, plus the largest tensor a few times over in memory); bench/bench_reshard.py measures it.
@@ -68,7 +70,8 @@ def resume_plan(saved: dict, now: dict, dropout: float, path: Path) -> list[str]
                      "over exactly; the arithmetic from here on is the new precision's")
     if dropout > 0:
         lines.append(f"  not continued: the RNG streams (model.dropout={dropout:g}): each rank draws fresh dropout "
-                     "masks, so the losses follow the uninterrupted run statistically, not value for value")
+                     "masks (seeded from the seed and the step), so the losses follow the uninterrupted run "
+                     "statistically, not value for value")
     else:
         lines.append("  RNG streams start fresh: nothing in training draws from them (model.dropout = 0)")
     return lines
@@ -154,7 +157,8 @@ def load_resharded(engine, folder: Path, manifest: dict, vocab_size: int) -> dic
     if kind == "partitioned" and step is not None:
         _open_partitioned_state(ds, step)
     device = st.device
-    shadows = {}
+    # EMA averages in the order WeightEMA keeps them (the module's parameters), filled one by one
+    ema_index = {id(p): i for i, p in enumerate(engine.module.parameters())}
     for local, p, plan, dim, stride in targets.params:
         master = _cut(reader.full(plan), p, dim, stride, st.tp_rank, st.tp)
         p.data.copy_(master.to(p.dtype))  # the module's weights: the masters in the run's precision
@@ -167,13 +171,19 @@ def load_resharded(engine, folder: Path, manifest: dict, vocab_size: int) -> dic
         elif moments is not None:
             ds.optimizer.state[p] = {"step": torch.tensor(step, dtype=torch.float32), **moments}
         if ema_reader is not None:
-            shadows[id(p)] = _cut(ema_reader.full(plan), p, dim, stride, st.tp_rank, st.tp).to(device)
+            engine.ema.shadow[ema_index[id(p)]].copy_(_cut(ema_reader.full(plan), p, dim, stride, st.tp_rank, st.tp))
     for local, b, plan, dim, stride in targets.buffers:
         b.copy_(reader.full(plan).to(b.dtype))
-    if engine.ema is not None:
-        engine.ema.load_state_dict({"shadow": [shadows[id(p)] for p in engine.module.parameters()]})
     _restore_schedule(engine, reader.engine_state(), folder)
     return safe_load.load(folder / "extra" / "rank_00000.pt")["extra"]
+
+
+def seed_streams(seed: int, step: int, par) -> None:
+    """Fresh RNG streams for a run resumed under another layout: the layout's own seeding (parallel.state),
+    from a seed moved by the step, so that the masks of the run's first steps are not drawn again."""
+    from prime_scale.parallel.state import seed_everything
+
+    seed_everything(seed + 1_000_003 * step, par)
 
 
 def _restore_schedule(engine, saved: dict, folder: Path) -> None:

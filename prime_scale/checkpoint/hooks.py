@@ -243,6 +243,7 @@ class TrainingCheckpoints:
 
             store.on_every_rank(f"{folder}: resharding into this layout", reshard)
             extra = result["extra"]
+            elastic.seed_streams(trainer.cfg.seed, int(extra["train"]["step"]), trainer.par)
         trainer.state.load_state_dict(extra["train"])
         trainer.train_loader.load_state_dict(extra["loader"])
         self.resumed_from = folder
