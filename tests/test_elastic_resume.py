@@ -41,7 +41,7 @@ STEPS = SEG * len(CHAIN)
 COMMON = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.seq_len=32", "model.dropout=0.0",
           "optim.schedule=constant", "optim.warmup_steps=5", "optim.ema=0.9", "optim.clip=1.0",
           "optim.weight_decay=0.01", "train.global_batch=8", "train.micro_batch=2", "train.log_every=1",
-          f"eval.every={SEG}", "eval.batches=2", "eval.final_batches=2", "eval.mc_samples=1", "checkpoint.keep_last=2",
+          f"eval.every={SEG}", "eval.batches=2", "eval.final_batches=2", "eval.mc_samples=1", "checkpoint.keep_last=3",
           "logging.wandb=disabled", "data.num_workers=0", "parallel.zero_stage=1"]
 REL = 1e-5
 
@@ -118,6 +118,17 @@ def test_the_chain_of_layouts_gives_the_uninterrupted_run(chain):
         layout = CHAIN[(step - 1) // SEG][0]
         for key in ("loss", "grad_norm", "lr"):
             assert got[step][key] == pytest.approx(ref[step][key], rel=REL), f"step {step} ({layout}): {key}"
+    # the tp2 segment holds AdamW's moments itself (fp32 ZeRO 0): each in storage of its own size, not a
+    # view of the full tensor it was cut from (which its checkpoint would then hold entire)
+    from prime_scale.checkpoint import safe_load
+
+    tp2 = work / "chain" / "checkpoints" / f"step_{SEG * 5}"  # kept: keep_last=3, two later saves
+    for tp_rank in range(2):
+        state = safe_load.load(tp2 / f"mp_rank_{tp_rank:02d}_model_states.pt", mmap=True)
+        for moments in state["optimizer"]["state"].values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = moments[key]
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     # the resharded EMA weights: every segment ends with a validation of them (eval.every = SEG)
     for step in range(SEG, STEPS + 1, SEG):
         assert got[step]["val_nll_bound"] == pytest.approx(ref[step]["val_nll_bound"], rel=REL), f"step {step}"

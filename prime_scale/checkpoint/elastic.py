@@ -103,8 +103,10 @@ class _Targets:
 
 
 def _cut(full: torch.Tensor, like: torch.Tensor, dim, stride, tp_rank: int, tp: int) -> torch.Tensor:
+    """This rank's piece of `full`, in fp32 and in storage of its own: a piece that is a view would keep
+    the whole tensor alive as optimizer state (and torch.save would write all of it)."""
     local_size = like.shape[dim] if dim is not None else None
-    return shards.take(full, list(full.shape), dim, tp_rank, tp, stride, local_size).to(torch.float32)
+    return shards.take(full, list(full.shape), dim, tp_rank, tp, stride, local_size).to(torch.float32, copy=True)
 
 
 def _optimizer_kind(ds) -> str:
