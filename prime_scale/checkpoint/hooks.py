@@ -10,8 +10,9 @@
   when checkpoints exist but none is intact the run is refused: it never starts over silently.
 - Starting a new run (no --resume) where complete checkpoints already exist is refused: its saves
   would interleave with the old run's and a later resume could pick the wrong one.
-- A checkpoint of another model, seed, tokenizer or layout is refused before anything is loaded,
-  naming what differs and what to do.
+- A checkpoint of another model, seed or tokenizer is refused before anything is loaded, naming
+  what differs and what to do. One of another layout (TP, PP, DP, ZeRO stage, precision) is
+  resharded into this run's (elastic.py), or refused before any process starts if it cannot be.
 
 The trainer stays unaware of checkpoint files: this module plugs into Trainer's hooks and saves what Trainer
 exposes (TrainState, the data loader's state_dict, the engine's EMA).
