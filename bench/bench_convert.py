@@ -39,7 +39,7 @@ def worker(spec: dict) -> None:
     import torch
 
     from prime_scale.checkpoint import store
-    from prime_scale.checkpoint.hooks import name_map, unpadded_sizes
+    from prime_scale.checkpointing import name_map, unpadded_sizes
     from prime_scale.config import load_recipe
     from prime_scale.engine import Engine
     from prime_scale.noise import make_batch

@@ -1,4 +1,4 @@
-"""Cost of resuming under another layout (checkpoint/elastic.py) against resuming under the same one.
+"""Cost of resuming under another layout (export/elastic.py) against resuming under the same one.
 
 A Prime model (16 × 512, V = 8000, ℓ = 2, EMA on; ≈ 55M parameters) takes one step with the real
 engine under a source layout and is saved as the trainer saves it. Then, in fresh processes, each
@@ -91,7 +91,7 @@ def worker_save(spec: dict) -> None:
     import torch
 
     from prime_scale.checkpoint import store
-    from prime_scale.checkpoint.hooks import name_map, unpadded_sizes
+    from prime_scale.checkpointing import name_map, unpadded_sizes
     from prime_scale.checkpoint.layout import Coords
     from prime_scale.noise import make_batch
     from prime_scale.parallel import state as pstate
@@ -118,7 +118,8 @@ def worker_save(spec: dict) -> None:
 def worker_load(spec: dict) -> None:
     """Load the checkpoint as `--resume` does: DeepSpeed's loader for its own layout, else the reshard."""
     from prime_scale.checkpoint import catalog as mf
-    from prime_scale.checkpoint import elastic, store
+    from prime_scale.checkpoint import store
+    from prime_scale.export import elastic
     from prime_scale.checkpoint.layout import Coords, engine_layout, same_layout
     from prime_scale.parallel import state as pstate
 

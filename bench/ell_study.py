@@ -67,7 +67,7 @@ def _overrides(args, ell: int, objective: str, run_dir: Path) -> list[str]:
 
 def train_cell(args, ell: int, objective: str, run_dir: Path) -> None:
     """One cell's training in this process; continues from its newest checkpoint if there is one."""
-    from prime_scale.checkpoint import hooks
+    from prime_scale import checkpointing as hooks
     from prime_scale.config import load_recipe, resolve_dp
     from prime_scale.train import Trainer, preflight
 

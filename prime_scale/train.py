@@ -3,7 +3,7 @@
 It composes the parts that each own one concern: the parallel state (prime_scale.parallel), the
 data loaders (prime_scale.data), the engine (DeepSpeed around the model, prime_scale.engine), the
 noise of each batch (prime_scale.noise) and the run's outputs (prime_scale.metrics). Checkpointing
-plugs in through hooks (prime_scale.checkpoint.hooks): the Trainer knows nothing about files
+plugs in through hooks (prime_scale.checkpointing): the Trainer knows nothing about files
 beyond its run log. It knows nothing about launchers either: prime_scale.cli.train starts it.
 
 Validation runs the one estimator of prime_scale.evaluation under the training layout (the engine
@@ -40,7 +40,7 @@ def preflight(cfg: Config, resume: Optional[str], init_from: Optional[str], dp: 
     exclude each other, the checkpoint to continue from is complete (or the directory holds no
     earlier run) and, if written under another layout, reshardable into this one (dp data-parallel
     ranks), and consolidated weights to start from are of this model."""
-    from prime_scale.checkpoint.hooks import check_resume
+    from prime_scale.checkpointing import check_resume
     from prime_scale.export.reshard import check_init_from
 
     if resume is not None and init_from is not None:

@@ -214,7 +214,7 @@ def test_deepspeeds_loader_refuses_a_changed_layout_and_names_the_resharding_res
 
 
 def test_resume_plan_says_what_is_resharded_and_what_is_not_continued(tmp_path):
-    from prime_scale.checkpoint.elastic import resume_plan
+    from prime_scale.export.elastic import resume_plan
 
     dp1 = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0, "precision": "fp32", "pipeline": False}
     dp2 = dict(dp1, dp=2, zero_stage=1)
@@ -287,7 +287,7 @@ def test_streams_reseeded_after_a_layout_change_depend_on_the_step():
 
     import torch
 
-    from prime_scale.checkpoint.elastic import seed_streams
+    from prime_scale.export.elastic import seed_streams
     from prime_scale.parallel.state import seed_everything
 
     par = types.SimpleNamespace(tp_rank=0, pp_rank=0, dp_rank=0)

@@ -1,4 +1,4 @@
-"""Resuming under another layout (checkpoint/elastic.py) in the real training loop: DeepSpeed engines
+"""Resuming under another layout (export/elastic.py) in the real training loop: DeepSpeed engines
 and megatron-core layers on gloo, fp32, the demo corpus.
 
 One run continues through a chain of layouts, two steps each, every segment resuming the previous
@@ -49,7 +49,7 @@ REL = 1e-5
 def segment(run_dir: str, overrides: list, steps: int, resume) -> dict:
     """One rank of one segment: the trainer as `prime-scale train` runs it, recording the ids of the
     samples each step trains on and what the run printed."""
-    from prime_scale.checkpoint import hooks
+    from prime_scale import checkpointing as hooks
     from prime_scale.config import load_recipe, resolve_dp
     from prime_scale.train import Trainer
 

@@ -5,7 +5,7 @@ ParallelState, a bare DeepSpeed engine is asked through its pipeline grid or mpu
 table records, per model-parallel shard, every tensor's local and canonical name, TP-local shape
 and megatron partitioning (and, under fp32 ZeRO 0, its slot in the optimizer's state), so exports
 and reshards need no model code. DeepSpeed's loader takes a checkpoint only under the layout that
-wrote it (check_layout); elastic.py reshards it into any other.
+wrote it (check_layout); export/elastic.py reshards it into any other.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def show_layout(d: dict) -> str:
 
 def check_layout(manifest: dict, layout: dict, path: Path) -> None:
     """TopologyChanged unless the checkpoint's layout is this engine's layout (what DeepSpeed's own
-    loader, store.load, needs; `prime-scale train --resume` reshards other layouts, elastic.py)."""
+    loader, store.load, needs; `prime-scale train --resume` reshards other layouts, export/elastic.py)."""
     saved = manifest["layout"]
     if same_layout(saved, layout):
         return

@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
             rc = launch_local(args.nproc, "prime_scale.cli.train", _rank_argv(args, recipe, overrides),
                               environ={**os.environ, **locks.child_env()}, pass_fds=locks.fds)
             return rc or show_samples(cfg, args.samples)
-        from prime_scale.checkpoint import hooks
+        from prime_scale import checkpointing as hooks
         from prime_scale.train import Trainer
 
         trainer = Trainer(cfg, init_from=args.init_from)
@@ -105,7 +105,7 @@ def show_samples(cfg, n: int) -> int:
     after the training's process groups are gone)."""
     if n < 1:
         return 0
-    from prime_scale.checkpoint.hooks import checkpoint_dir
+    from prime_scale.checkpointing import checkpoint_dir
     from prime_scale.inference import generate, load_model
 
     with load_model(checkpoint_dir(cfg)) as loaded:

@@ -123,8 +123,8 @@ def make_plan(cfg: Config, gpus: int, gpu: GpuKind, vocab: Optional[int] = None)
 
 
 def _layout_change(cfg: Config, zero: int) -> dict:
-    """Whether a checkpoint of another layout can continue under this one (checkpoint/elastic.py)."""
-    from prime_scale.checkpoint.elastic import unsupported_reason
+    """Whether a checkpoint of another layout can continue under this one (export/elastic.py)."""
+    from prime_scale.export.elastic import unsupported_reason
 
     why = unsupported_reason({"zero_stage": zero, "precision": cfg.precision, "pipeline": cfg.parallel.pp > 1})
     if why:

@@ -12,7 +12,7 @@
   would interleave with the old run's and a later resume could pick the wrong one.
 - A checkpoint of another model, seed or tokenizer is refused before anything is loaded, naming
   what differs and what to do. One of another layout (TP, PP, DP, ZeRO stage, precision) is
-  resharded into this run's (elastic.py), or refused before any process starts if it cannot be.
+  resharded into this run's (export/elastic.py), or refused before any process starts if it cannot be.
 
 The trainer stays unaware of checkpoint files: this module plugs into Trainer's hooks and saves what Trainer
 exposes (TrainState, the data loader's state_dict, the engine's EMA).
@@ -62,7 +62,7 @@ def check_resume(cfg, resume: Optional[str], dp: int) -> None:
 def _check_reshardable(cfg, folder: Path, dp: int) -> None:
     """A checkpoint of another layout must be one that can be resharded into this run's: refused
     here, before any process starts (the ranks check again on the one they pick)."""
-    from prime_scale.checkpoint import elastic
+    from prime_scale.export import elastic
 
     saved, now = mf.read_manifest(folder)["layout"], planned_layout(cfg, dp)
     if not same_layout(saved, now):
@@ -232,7 +232,7 @@ class TrainingCheckpoints:
             extra = restored.extra
             self._restore_ema(folder, restored.ema)
         else:  # another layout: every tensor is cut anew for this rank, RNG streams start fresh
-            from prime_scale.checkpoint import elastic
+            from prime_scale.export import elastic
 
             plan = elastic.resume_plan(saved, now, trainer.cfg.model.dropout, folder)
             if trainer.par.is_logging_rank:
@@ -262,8 +262,8 @@ class TrainingCheckpoints:
 
     def check_compatible(self, folder: Path, manifest: dict) -> None:
         """Refuse, before loading anything, a checkpoint this run cannot continue: another model,
-        seed or tokenizer, or a layout change that cannot be resharded (checkpoint/elastic.py)."""
-        from prime_scale.checkpoint import elastic
+        seed or tokenizer, or a layout change that cannot be resharded (export/elastic.py)."""
+        from prime_scale.export import elastic
 
         t = self.trainer
         saved = manifest.get("recipe") or {}
