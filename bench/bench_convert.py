@@ -34,29 +34,35 @@ MIB = 1 << 20
 # --------------------------------------------------------------------------- worker (torchrun)
 
 
-def worker(spec: dict) -> None:
-    """One training step of the real engine on random tokens, then a checkpoint."""
+def random_batches(cfg, par, gas: int) -> list:
+    """This rank's micro-batches of one global batch of random tokens (step 0)."""
     import torch
 
+    from prime_scale.noise import make_batch
+
+    g = torch.Generator().manual_seed(0)
+    mb = cfg.train.micro_batch
+    batches = []
+    for i in range(gas):
+        ids = torch.randint(0, cfg.model.vocab_size, (mb, cfg.model.seq_len), generator=g)
+        index = torch.arange(mb) + (par.dp_rank * gas + i) * mb
+        batches.append(make_batch(ids, index, index, seed=cfg.seed, step=0, global_batch=cfg.train.global_batch,
+                                  vocab_size=cfg.model.vocab_size, ell=cfg.model.ell))
+    return batches
+
+
+def worker(spec: dict) -> None:
+    """One training step of the real engine on random tokens, then a checkpoint."""
     from prime_scale.checkpoint import store
     from prime_scale.checkpointing import name_map, unpadded_sizes
     from prime_scale.config import load_recipe
     from prime_scale.engine import Engine
-    from prime_scale.noise import make_batch
     from prime_scale.parallel import state as pstate
 
     cfg = load_recipe("tiny-cpu", spec["overrides"])
     par = pstate.init(cfg)
     engine = Engine(cfg, par, cfg.model.vocab_size)
-    g = torch.Generator().manual_seed(0)
-    mb = cfg.train.micro_batch
-    batches = []
-    for i in range(engine.gas):
-        ids = torch.randint(0, cfg.model.vocab_size, (mb, cfg.model.seq_len), generator=g)
-        index = torch.arange(mb) + (par.dp_rank * engine.gas + i) * mb
-        batches.append(make_batch(ids, index, index, seed=cfg.seed, step=0, global_batch=cfg.train.global_batch,
-                                  vocab_size=cfg.model.vocab_size, ell=cfg.model.ell))
-    engine.train_step(batches)
+    engine.train_step(random_batches(cfg, par, engine.gas))
     store.save(engine.ds, spec["ckpt"], 1, meta={"recipe": cfg.to_dict(), "vocab_size": cfg.model.vocab_size},
                name_map=name_map(engine.module), unpadded=unpadded_sizes(engine.module, cfg.model.vocab_size))
     pstate.destroy()
@@ -78,7 +84,7 @@ def _measure(code: str) -> dict:
 
 
 IMPORTS = ("import torch, safetensors.torch\n"
-           "from prime_scale.checkpoint import consolidate, safe_load\n"
+           "from prime_scale.checkpoint import safe_load\nfrom prime_scale.export import consolidate\n"
            "safe_load.allowed_types()\n")
 
 

@@ -88,24 +88,15 @@ def _build(spec: dict):
 
 def worker_save(spec: dict) -> None:
     """One training step on random tokens, then a checkpoint as the trainer writes it."""
-    import torch
+    from bench_convert import random_batches  # this script's folder is on sys.path
 
     from prime_scale.checkpoint import store
-    from prime_scale.checkpointing import name_map, unpadded_sizes
     from prime_scale.checkpoint.layout import Coords
-    from prime_scale.noise import make_batch
+    from prime_scale.checkpointing import name_map, unpadded_sizes
     from prime_scale.parallel import state as pstate
 
     cfg, par, engine = _build(spec)
-    g = torch.Generator().manual_seed(0)
-    mb = cfg.train.micro_batch
-    batches = []
-    for i in range(engine.gas):
-        ids = torch.randint(0, cfg.model.vocab_size, (mb, cfg.model.seq_len), generator=g)
-        index = torch.arange(mb) + (par.dp_rank * engine.gas + i) * mb
-        batches.append(make_batch(ids, index, index, seed=cfg.seed, step=0, global_batch=cfg.train.global_batch,
-                                  vocab_size=cfg.model.vocab_size, ell=cfg.model.ell))
-    engine.train_step(batches)
+    engine.train_step(random_batches(cfg, par, engine.gas))
     names = [n for n, _ in engine.module.named_parameters()]
     store.save(engine.ds, spec["ckpt"], 1, extra_state={"train": {"step": 1}, "loader": {}},
                ema=dict(zip(names, engine.ema.shadow)),
