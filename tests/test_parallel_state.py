@@ -156,3 +156,47 @@ def test_destroy_puts_back_the_launcher_variables_init_set(monkeypatch):
         state.destroy()
     assert not any(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
     assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_every_library_reads_the_one_device_decision():
+    """srun --gpus-per-task=1: task 5 (SLURM_LOCALID 1) sees one GPU, cuda:0. DeepSpeed's engine,
+    its PipelineModule and its process-group device read LOCAL_RANK: it must name that GPU (0),
+    not the node-local rank (1: "invalid device ordinal" in deepspeed.initialize)."""
+    import torch
+
+    from prime_scale.parallel.state import library_environment
+
+    env = read_launch_env({**SRUN, "MASTER_ADDR": "gpu01", "MASTER_PORT": "29500"})
+    assert env.local_rank == 1
+    one_gpu = library_environment(env, torch.device("cuda", 0))
+    assert one_gpu["LOCAL_RANK"] == "0" and one_gpu["RANK"] == "5" and one_gpu["WORLD_SIZE"] == "8"
+    assert library_environment(env, torch.device("cuda", 1))["LOCAL_RANK"] == "1"  # all GPUs visible
+    assert library_environment(env, torch.device("cpu"))["LOCAL_RANK"] == "1"
+
+
+def test_every_process_group_gets_the_configured_timeout(monkeypatch):
+    """DeepSpeed's pipeline grid creates its groups with new_group(ranks) and no timeout: they must
+    get the timeout the parallel state was given (NCCL's default would be 10 minutes)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from prime_scale.config import load_recipe
+    from prime_scale.parallel import state
+
+    for key in state.LAUNCH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    default_before = dist.distributed_c10d.default_pg_timeout
+    par = state.init(load_recipe("tiny-cpu", ["model.vocab_size=100"]), timeout_s=180)
+    try:
+        from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+        grid = PipelineParallelGrid(topology=par.topology)
+        groups = [dist.group.WORLD, grid.get_pipe_parallel_group(), grid.get_data_parallel_group(),
+                  grid.get_slice_parallel_group(), par.tp_group, par.dp_group, dist.new_group([0])]
+        timeouts = {g._get_backend(torch.device("cpu")).options._timeout for g in groups}
+        assert timeouts == {datetime.timedelta(minutes=3)}
+    finally:
+        state.destroy()
+    assert dist.distributed_c10d.default_pg_timeout == default_before  # put back for later groups

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from prime_scale.config import Config, resolve_dp
 from prime_scale.errors import UserError
 from prime_scale.parallel import cpu_compat
-from prime_scale.parallel.launch import read_launch_env, threads_per_rank
+from prime_scale.parallel.launch import LaunchEnv, read_launch_env, threads_per_rank
 
 # --------------------------------------------------------------------------- the state
 
@@ -98,6 +98,37 @@ def compute_device(local_rank: int) -> torch.device:
     return torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
 
 
+def library_environment(env: LaunchEnv, device: torch.device) -> dict:
+    """The launcher variables every library below reads, from the ONE device decision above.
+    DeepSpeed's engine (set_device(LOCAL_RANK)), its PipelineModule (.to(cuda:LOCAL_RANK)) and its
+    init_process_group (device_id) each pick the GPU again from LOCAL_RANK, so LOCAL_RANK must be
+    the index of our device among the visible ones - not the node-local rank: under
+    srun --gpus-per-task=1 or a per-rank CUDA_VISIBLE_DEVICES, task 3 of a node sees one GPU,
+    cuda:0, and LOCAL_RANK=3 would be an invalid device ordinal."""
+    local = device.index if device.type == "cuda" and device.index is not None else env.local_rank
+    return {"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(local),
+            "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)}
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> tuple:
+    """Make `timeout` the default of every process group created from now on; returns what to put
+    back. DeepSpeed builds its pipeline grid, tied-weight and world groups with
+    dist.new_group(ranks) and no timeout, which torch resolves at call time from these module
+    defaults (NCCL: 10 minutes), not from the timeout the world group was given: a slow save or
+    a long first compile on one stage would then abort the job at 10 minutes instead of 30."""
+    c10d = dist.distributed_c10d
+    before = (c10d.default_pg_timeout, c10d.default_pg_nccl_timeout)
+    c10d.default_pg_timeout = timeout
+    if isinstance(before[1], datetime.timedelta):  # None where torch was built without NCCL
+        c10d.default_pg_nccl_timeout = timeout
+    return before
+
+
+def restore_default_group_timeout(before: tuple) -> None:
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = before
+
+
 def tp_overlap_env(tp: int, use_cuda: bool, environ: Mapping[str, str]) -> dict:
     """The variables to set before CUDA starts: megatron's TP linear layers issue the input
     gradient's all-reduce asynchronously and rely on CUDA_DEVICE_MAX_CONNECTIONS=1 to have it
@@ -137,6 +168,7 @@ def _skip_deepspeed_shm_op() -> None:
 
 LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _ENV_BEFORE: Optional[dict] = None  # those variables as they were before init() set them
+_TIMEOUT_BEFORE: Optional[tuple] = None  # torch's default group timeouts before init() set them
 
 
 def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[str, str]] = None) -> ParallelState:
@@ -150,14 +182,6 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = resolve_dp(cfg, env.world_size)
 
-    # the launcher variables every library below reads (a single process gets them here); destroy()
-    # puts back what was there, so a process that loads a model in-process (eval, the lm-eval
-    # backend, tests) does not hand this group's port and rank to the processes it starts later
-    global _ENV_BEFORE
-    _ENV_BEFORE = {key: os.environ.get(key) for key in LAUNCH_KEYS}
-    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
-                       "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
-                       "MASTER_PORT": str(env.master_port)})
     threads = threads_per_rank(env.local_world_size, environ)
     torch.set_num_threads(threads)
 
@@ -169,10 +193,20 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
                           "cannot take effect (TP all-reduce/GEMM overlap lost); export it in the launch "
                           "environment", stacklevel=2)
         os.environ.update(overlap)
+    # the one device decision; every library below reads it back from LOCAL_RANK
+    device = compute_device(env.local_rank)
     if use_cuda:
-        torch.cuda.set_device(gpu_index(env.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+
+    # the launcher variables every library below reads (a single process gets them here); destroy()
+    # puts back what was there, so a process that loads a model in-process (eval, the lm-eval
+    # backend, tests) does not hand this group's port and rank to the processes it starts later
+    global _ENV_BEFORE, _TIMEOUT_BEFORE
+    _ENV_BEFORE = {key: os.environ.get(key) for key in LAUNCH_KEYS}
+    os.environ.update(library_environment(env, device))
     backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    _TIMEOUT_BEFORE = set_default_group_timeout(timeout)
     if not dist.is_initialized():
         # env:// reads the variables set above; under torchrun it joins the agent's store
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
@@ -198,7 +232,7 @@ def init(cfg: Config, *, timeout_s: float = 1800.0, environ: Optional[Mapping[st
         tp=tp, pp=pp, dp=dp, rank=env.rank, world_size=env.world_size,
         tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
         dp_rank=mps.get_data_parallel_rank(), local_rank=env.local_rank,
-        device=compute_device(env.local_rank),
+        device=device,
         topology=topology, threads=threads, tp_group=mps.get_tensor_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
         model_parallel_group=mps.get_model_parallel_group(),
@@ -220,7 +254,10 @@ def destroy() -> None:
 
     dscomm.cdb = None
     _STATE = None
-    global _ENV_BEFORE
+    global _ENV_BEFORE, _TIMEOUT_BEFORE
+    if _TIMEOUT_BEFORE is not None:
+        restore_default_group_timeout(_TIMEOUT_BEFORE)
+    _TIMEOUT_BEFORE = None
     for key, value in (_ENV_BEFORE or {}).items():
         if value is None:
             os.environ.pop(key, None)
