@@ -92,17 +92,26 @@ def test_a_stop_signal_saves_and_the_resumed_run_is_bitwise_equal(reference, tmp
     assert _losses(run) == _losses(reference)  # every loss and gradient norm, bit for bit
 
 
-def test_sigterm_to_the_process_group_of_an_nproc_2_run_saves_on_every_rank(tmp_path):
+NPROC2 = ["train.steps=16", "checkpoint.every=0", "--nproc", "2"]
+
+
+@pytest.fixture(scope="module")
+def straight_nproc2(tmp_path_factory):
+    """An uninterrupted 2-rank run of 16 steps, the reference of the preempted 2-rank runs."""
+    straight = tmp_path_factory.mktemp("faults") / "straight"
+    rc, _, err = _done(_train(straight, *NPROC2))
+    assert rc == 0, err[-3000:]
+    return straight
+
+
+def test_sigterm_to_the_process_group_of_an_nproc_2_run_saves_on_every_rank(straight_nproc2, tmp_path):
     """What SLURM does at preemption: SIGTERM to every process of the job (the launcher forwards it
     too). Both ranks stop at the same step boundary, one checkpoint is saved, exit 3; the resumed
     run equals an uninterrupted one."""
-    steps = ["train.steps=16", "checkpoint.every=0", "--nproc", "2"]
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    rc, _, err = _done(_train(straight, *steps))
-    assert rc == 0, err[-3000:]
+    run = tmp_path / "run"
     run.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "prime_scale.cli", "train", "tiny-cpu", *TINY, f"run.dir={run}",
-                          "--samples", "0", *steps], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                          "--samples", "0", *NPROC2], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_step(run, 2, p)
     os.killpg(p.pid, signal.SIGTERM)
@@ -110,9 +119,42 @@ def test_sigterm_to_the_process_group_of_an_nproc_2_run_saves_on_every_rank(tmp_
     assert rc == 3, (rc, err[-3000:])
     stopped = [int(d.name.split("_")[1]) for d in (run / "checkpoints").iterdir() if d.name.startswith("step_")]
     assert len(stopped) == 1 and stopped[0] < 16 and _cli("checkpoint", "verify", str(run))[0] == 0
-    rc, out, err = _done(_train(run, *steps, "--resume", "auto"))
+    rc, out, err = _done(_train(run, *NPROC2, "--resume", "auto"))
     assert rc == 0, err[-3000:]
-    assert _losses(run) == _losses(straight)
+    assert _losses(run) == _losses(straight_nproc2)
+
+
+def test_torchrun_launched_as_documented_saves_on_sigusr1_and_on_sigterm(straight_nproc2, tmp_path):
+    """torchrun with docs/training.md's flags: SIGUSR1 (#SBATCH --signal=USR1@N) and SIGTERM to the
+    agent reach both workers, which save the step they reached and exit 3 (torchrun itself exits 1,
+    its SignalException); resuming twice gives the uninterrupted run's losses bit for bit. With
+    torchrun's defaults SIGUSR1 kills it and the workers die unsaved (its parent-death signal)."""
+    from prime_scale.parallel.preemption import TORCHRUN_PREEMPTION_FLAGS
+
+    assert " ".join(TORCHRUN_PREEMPTION_FLAGS) in (REPO / "docs" / "training.md").read_text()
+    run = tmp_path / "run"
+    run.mkdir()
+    stopped = 0
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        log = tmp_path / f"torchrun-{sig.name}.log"
+        with open(log, "w") as out:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 *TORCHRUN_PREEMPTION_FLAGS, "-m", "prime_scale.cli.train", "tiny-cpu", *TINY, f"run.dir={run}",
+                 "--samples", "0", *NPROC2[:2], *(["--resume", "auto"] if stopped else [])],
+                env=_env(), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+            _wait_for_step(run, stopped + 2, agent)
+            agent.send_signal(sig)
+            assert agent.wait(timeout=120) != 0
+        text = log.read_text()
+        assert f"{sig.name} received" in text and "stopped early at step" in text, text[-3000:]
+        steps = [int(d.name.split("_")[1]) for d in (run / "checkpoints").iterdir() if d.name.startswith("step_")]
+        assert max(steps) > stopped and max(steps) < 16, (steps, text[-3000:])
+        stopped = max(steps)
+        assert _cli("checkpoint", "verify", str(run))[0] == 0
+    rc, out, err = _done(_train(run, *NPROC2, "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert _losses(run) == _losses(straight_nproc2)
 
 
 def test_the_time_budget_ends_the_run_with_a_checkpoint(reference, tmp_path):

@@ -41,8 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from prime_scale.parallel.launch import check_nproc, die_with_launcher, read_launch_env
+    from prime_scale.parallel import preemption
+    from prime_scale.parallel.launch import LAUNCHER_ENV, check_nproc, die_with_launcher, read_launch_env
 
+    # what a stop signal to our launcher gives this rank, read before die_with_launcher takes its variable
+    grace = preemption.stop_grace(os.environ, preemption.parent_argv(), own_launcher=LAUNCHER_ENV in os.environ)
     die_with_launcher()  # a rank of our --nproc launcher: before anything else, so none outlives it
     from prime_scale import run_lock
     from prime_scale.config import load_recipe, resolve_dp
@@ -74,8 +77,34 @@ def main(args: argparse.Namespace) -> int:
 
         trainer = Trainer(cfg, init_from=args.init_from)
         hooks.install(trainer, args.resume)
+        trainer.before_loop_hooks.append(_warn_if_a_preemption_cannot_save(grace))
         rc = trainer.run()
         return rc or (show_samples(cfg, args.samples) if read_launch_env().world_size == 1 else 0)
+
+
+def _warn_if_a_preemption_cannot_save(grace):
+    """A before-loop hook: rank 0 says, with the fix, when the launcher would kill the ranks before
+    a preemption's checkpoint is written (a signal it does not forward, a grace shorter than a save)."""
+    def warn(trainer) -> None:
+        if not trainer.par.is_logging_rank:
+            return
+        from prime_scale.parallel.preemption import estimated_save_s, preemption_warnings
+
+        save_s = estimated_save_s(checkpoint_bytes_per_rank(trainer.engine))
+        for line in preemption_warnings(grace, save_s, slurm="SLURM_JOB_ID" in os.environ):
+            print(f"warning: {line}", flush=True)
+    return warn
+
+
+def checkpoint_bytes_per_rank(engine) -> int:
+    """About what this rank writes in a save: its module weights, the fp32 master and two Adam
+    moments (split over the DP ranks from ZeRO 1 on) and, on DP rank 0, the fp32 EMA."""
+    params = list(engine.module.parameters())
+    numel = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    weights = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in params)
+    optimizer = 12 * numel // (engine.state.dp if engine.zero_stage >= 1 else 1)
+    ema = 4 * numel if engine.ema is not None and engine.state.dp_rank == 0 else 0
+    return weights + optimizer + ema
 
 
 def _rank_argv(args, recipe, overrides) -> list[str]:
