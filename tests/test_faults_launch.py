@@ -215,3 +215,25 @@ def test_torchrun_workers_die_with_their_agent(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         agent.wait()
+
+
+def test_sigint_to_a_background_nproc_launcher_saves_and_exits_3(tmp_path):
+    """A launcher started with `&` or nohup inherits SIGINT ignored: Python then installs no
+    KeyboardInterrupt handler, and `kill -INT` of the launcher used to do nothing (the run trained
+    on and exited 0). It must reach the ranks, which save and stop as on Ctrl-C: exit 3."""
+    run = tmp_path / "run"
+    log = open(tmp_path / "background.log", "w")
+    launcher = subprocess.Popen(_command(run, "train.steps=5000", "checkpoint.every=0", "--nproc", "2"),
+                                env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    launcher.log = Path(log.name)
+    try:
+        _wait_for(lambda: len(_records(run)) >= 2, launcher)
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=120) == 3, launcher.log.read_text()[-3000:]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    stopped = max(r["step"] for r in _records(run))
+    assert find_latest_complete(run / "checkpoints").name == f"step_{stopped}"
+    assert "SIGINT received" in launcher.log.read_text()

@@ -191,22 +191,17 @@ def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Map
                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             env[ERROR_DIR_ENV] = errors
             procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env, pass_fds=tuple(pass_fds)))
-        try:
-            with _forwarding_stop_signals(procs):
-                codes = _wait_all(procs, time)
-        except KeyboardInterrupt:
-            for p in procs:
-                p.send_signal(signal.SIGINT)
-            codes = [p.wait() for p in procs]
-            # ranks that saved on the Ctrl-C and stopped report it as such
-            return PREEMPTED if all(c in (0, PREEMPTED) for c in codes) else INTERRUPTED
+        with _forwarding_stop_signals(procs):
+            codes = _wait_all(procs, time)
         messages = sorted({f.read_text().strip() for f in Path(errors).iterdir()})
     for line in messages:
         print(line, file=sys.stderr)
     if all(c == 0 for c in codes):
         return 0
-    if all(c in (0, PREEMPTED) for c in codes):  # stopped on request, after a checkpoint
+    if all(c in (0, PREEMPTED) for c in codes):  # stopped on request (a signal, Ctrl-C), after a checkpoint
         return PREEMPTED
+    if any(c in (INTERRUPTED, -signal.SIGINT) for c in codes):  # a second Ctrl-C: aborted unsaved
+        return INTERRUPTED
     if messages and all(c in (0, USER_ERROR) or c < 0 for c in codes):
         return USER_ERROR
     bad = {r: c for r, c in enumerate(codes) if c != 0}
@@ -216,9 +211,14 @@ def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Map
 
 @contextlib.contextmanager
 def _forwarding_stop_signals(procs):
-    """While the ranks run, a polite stop of the launcher (SIGTERM, SIGUSR1: a scheduler, `kill`)
-    goes to the ranks, which save and exit, instead of killing the launcher (and with it the ranks,
-    unsaved). Signal handlers can only be set from the main thread; elsewhere nothing is forwarded."""
+    """While the ranks run, a polite stop of the launcher (SIGTERM, SIGUSR1: a scheduler, `kill`;
+    SIGINT: Ctrl-C, `kill -INT`) goes to the ranks, which save and exit (a second SIGINT aborts
+    them), instead of killing the launcher (and with it the ranks, unsaved). SIGINT is handled
+    whatever the disposition this process inherited: a job started with `&` or nohup inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so `kill -INT` did
+    nothing. A Ctrl-C in a terminal reaches the ranks twice (their process group and this
+    forward); they count the two as one. Signal handlers can only be set from the main thread;
+    elsewhere nothing is forwarded."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -228,7 +228,7 @@ def _forwarding_stop_signals(procs):
             if p.poll() is None:
                 p.send_signal(signum)
 
-    stops = (signal.SIGTERM, signal.SIGUSR1)
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     previous = {s: signal.signal(s, forward) for s in stops}
     try:
         yield
