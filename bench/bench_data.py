@@ -1,6 +1,6 @@
 """Data pipeline speed: sharding vs raw sentencepiece, and the loader vs what the tiny recipe eats.
 
-    python bench/bench_data.py [--copies 4] [--parts sharding,loader,checks] [--json out.json]
+    python bench/bench_data.py [--copies 4] [--parts sharding,loader,checks,opens] [--json out.json]
 
 1. Sharding throughput per core vs raw sentencepiece encoding on the same text (target ≥ 80%).
    Raw: SentencePieceProcessor.encode(list of documents, num_threads=T), T = 1 and 2 cores.
@@ -24,6 +24,10 @@
    own: the id check per micro-batch vs reading one, and sha256 of the train shards (what each
    process hashes once) vs reading all their samples once, at L = 128 and 1024.
 
+4. File opens per 1,000 samples read, and samples/s, of a source reading a whole split at random
+   (part `opens`; on Lustre/NFS each open is a metadata-server round trip). Opens are counted by
+   wrapping builtins.open and os.open for the reads.
+
 Also: the time to build the demo corpus from nothing (target < 2 min), unless --demo-root is given.
 
 The machine is shared: each figure is the best of --repeats runs; ratios are from the same run.
@@ -32,6 +36,7 @@ The machine is shared: each figure is the best of --repeats runs; ratios are fro
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import resource
@@ -125,6 +130,19 @@ def bench_sharding(demo_root: Path, work: Path, copies: int, repeats: int, seq_l
     return out
 
 
+def wds_copy(demo_ds: Path, out: Path, L: int = 128) -> Path:
+    """The demo corpus as webdataset shards (prepared once into `out`)."""
+    from data_prep.readers import ReadOptions
+    from data_prep.shard import ShardOptions, shard_corpus
+    from prime_scale.data import load_tokenizer
+
+    if not out.exists():
+        shard_corpus([str(demo_ds.parent / "corpus.jsonl")], load_tokenizer(demo_ds), out,
+                     ShardOptions(seq_len=L, format="wds", val_fraction=0.05, progress=False),
+                     ReadOptions(format="jsonl"), log=lambda s: None)
+    return out
+
+
 def _loader_run(cfg, batches: int, checks: bool) -> tuple[float, float, float]:
     """One loader run: (wall seconds after the first batch, wall seconds with it, CPU seconds of this
     process and its workers for the whole run, start-up included)."""
@@ -156,15 +174,9 @@ def bench_loader(demo_ds: Path, work: Path, batches: int, repeats: int) -> dict:
     is the ratio of median runs, by wall time after the first batch and by CPU time of the whole
     run (start-up and the first batch, where the shards are hashed, included; other jobs on a
     shared machine do not inflate CPU time)."""
-    from data_prep.readers import ReadOptions
-    from data_prep.shard import ShardOptions, shard_corpus
     from prime_scale.config import load_recipe
-    from prime_scale.data import load_tokenizer
 
-    wds_ds = work / "demo-wds"
-    shard_corpus([str(demo_ds.parent / "corpus.jsonl")], load_tokenizer(demo_ds), wds_ds,
-                 ShardOptions(seq_len=128, format="wds", val_fraction=0.05, progress=False),
-                 ReadOptions(format="jsonl"), log=lambda s: None)
+    wds_ds = wds_copy(demo_ds, work / "demo-wds")
     keys = [(fmt, path, workers) for fmt, path in (("mds", demo_ds), ("wds", wds_ds)) for workers in (0, 1, 2)]
     runs = {(fmt, w, c): [] for fmt, _, w in keys for c in (True, False)}
     for r in range(repeats):  # every configuration once per round: slow phases of the machine hit all alike
@@ -253,21 +265,43 @@ def bench_checks(demo_root: Path, work: Path, repeats: int) -> dict:
     sample holds, the reading mostly with the samples): precise where the loader comparison is
     noisy, and the answer for a process that reads less than a whole epoch of what it hashes."""
     from data_prep.demo import ensure_demo_corpus
-    from data_prep.readers import ReadOptions
-    from data_prep.shard import ShardOptions, shard_corpus
-    from prime_scale.data import load_tokenizer, open_dataset
+    from prime_scale.data import open_dataset
 
     out = {}
     for L in (128, 1024):
         mds = ensure_demo_corpus(demo_root, seq_len=L, log=lambda s: None)
-        wds = work / f"checks-wds-L{L}"
-        if not wds.exists():
-            shard_corpus([str(demo_root / "corpus.jsonl")], load_tokenizer(mds), wds,
-                         ShardOptions(seq_len=L, format="wds", val_fraction=0.05, progress=False),
-                         ReadOptions(format="jsonl"), log=lambda s: None)
+        wds = wds_copy(mds, work / f"checks-wds-L{L}", L)
         for fmt, path in (("mds", mds), ("wds", wds)):
             m = open_dataset(path)
             out[f"{fmt}_L{L}"] = _check_costs(m, repeats)
+    return out
+
+
+def bench_opens(demo_ds: Path, work: Path, repeats: int) -> dict:
+    """Opens per 1,000 samples and samples/s of MDS and webdataset sources reading every train sample
+    once, in a random order, 16 at a time (each figure: a fresh source, its shards already hashed)."""
+    from prime_scale.data import open_dataset
+    from prime_scale.data.sources import open_source
+
+    out = {}
+    for fmt, path in (("mds", demo_ds), ("wds", wds_copy(demo_ds, work / "demo-wds"))):
+        m = open_dataset(path)
+        order = np.random.default_rng(0).permutation(m["splits"]["train"]["sequences"])
+        open_source(m, "train").read(order[:1])  # the format's import and the shards' hash: not the reads
+
+        def epoch():
+            src = open_source(m, "train")
+            for start in range(0, order.size, 16):
+                src.read(np.sort(order[start:start + 16]))
+        opens, real_open, real_os_open = [0], builtins.open, os.open
+        builtins.open = lambda *a, **k: opens.__setitem__(0, opens[0] + 1) or real_open(*a, **k)
+        os.open = lambda *a, **k: opens.__setitem__(0, opens[0] + 1) or real_os_open(*a, **k)
+        try:
+            epoch()
+        finally:
+            builtins.open, os.open = real_open, real_os_open
+        out[fmt] = {"samples": int(order.size), "opens_per_1000_samples": round(1000 * opens[0] / order.size, 1),
+                    "samples_per_s": round(order.size / best(epoch, repeats))}
     return out
 
 
@@ -329,7 +363,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=400)
     ap.add_argument("--train-steps", type=int, default=30, help="steps of the real tiny-cpu trainer")
     ap.add_argument("--no-trainer", action="store_true", help="time a plain-PyTorch stand-in instead")
-    ap.add_argument("--parts", default="sharding,loader,checks", help="comma-separated: sharding, loader, checks")
+    ap.add_argument("--parts", default="sharding,loader,checks", help="comma-separated: sharding, loader, checks, opens")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from data_prep.demo import ensure_demo_corpus
@@ -344,6 +378,8 @@ def main() -> None:
             res["sharding"] = bench_sharding(demo_ds.parent, work, args.copies, args.repeats, (128, 1024))
         if "checks" in parts:
             res["checks"] = bench_checks(demo_ds.parent, work, args.repeats)
+        if "opens" in parts:
+            res["opens"] = bench_opens(demo_ds, work, args.repeats)
         if "loader" in parts:
             res["loader"] = bench_loader(demo_ds, work, args.batches, args.repeats)
             if args.no_trainer:

@@ -171,7 +171,7 @@ def test_a_shard_verified_on_this_machine_is_hashed_again_only_once_it_changes(d
 
     assert another_process() is None and len(hashed) == 1
     assert another_process() is None and len(hashed) == 1  # the stamp vouched
-    assert len(list((tmp_path / "cache" / "verified").glob("*[!k]"))) == 1
+    assert len(list((tmp_path / "cache" / "verified").glob("*/*[!k]"))) == 1  # verified/NODE/stamp
     st = shards[0].stat()
     body = bytearray(shards[0].read_bytes())
     body[len(body) // 2] ^= 0xFF
@@ -193,7 +193,7 @@ def test_a_file_changed_within_the_last_second_gets_no_stamp(data, tmp_path, mon
     monkeypatch.setenv("PRIME_SCALE_CACHE", str(tmp_path / "cache"))
     ds, shards = copy_of(data, tmp_path, "mds")  # just written
     assert integrity.hash_problem(shards[0], _entry(ds, shards[0])) is None
-    assert not list((tmp_path / "cache" / "verified").glob("*[!k]"))
+    assert not list((tmp_path / "cache" / "verified").glob("*/*[!k]"))
 
 
 def test_processes_that_open_a_shard_at_once_hash_it_once(data, tmp_path):

@@ -11,12 +11,14 @@ directory, as in checkpoint manifests). Three checks use it, from cheap to thoro
 - when a shard is first opened: its content hash (sha256, sequential reads at ~1 GB/s with the CPU's
   SHA instructions, against a loader that reads tens of MB/s: bench/bench_data.py). Once per file
   per *machine boot*: a verified file gets a stamp under the cache ($PRIME_SCALE_CACHE, else
-  ~/.cache/prime-scale, in verified/) holding its identity — device, inode, size, mtime and ctime
+  ~/.cache/prime-scale, in verified/HOST-ID/, one folder per host name and boot id) holding its identity — device, inode, size, mtime and ctime
   (which no user can set back, so any write to the file invalidates it) — the boot and the hash it
   matched; a file changed less than a second before its hash gets no stamp (file times tick
   coarsely, so a write in the same tick would go unseen). The R ranks × W loader workers of a machine would otherwise each read and hash every
   shard they open; a file lock per stamp makes the first of them hash while the others wait and
-  reuse its result. A stamp never vouches for a hash other than the one the manifest records. Decay
+  reuse its result. Stamps and locks are node-local even when the cache is not (a $HOME shared by
+  the cluster): the nodes of a job neither void each other's stamps nor queue on one lock per shard.
+  A stamp never vouches for a hash other than the one the manifest records. Decay
   of the medium after verification (no write, so no new ctime) is found by `prep inspect --verify`
   or after the next boot. Without a writable cache, each process hashes as before.
 - `prime-scale prep inspect --verify` (prime_scale/data/verify.py): every file, and each shard's
@@ -34,10 +36,13 @@ import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import time
 from pathlib import Path
 from typing import Optional
 
+from prime_scale.data.descriptors import fd_limit_error, is_fd_limit
 from prime_scale.data.remote import cache_root
 from prime_scale.errors import UserError
 
@@ -107,6 +112,8 @@ def hash_problem(path: Path, entry: dict, noun: str = "shard") -> Optional[str]:
         try:
             problem = content_problem(st.st_size, lambda: file_digest(path), entry, noun)
         except OSError as e:
+            if is_fd_limit(e):  # the process's limit, not the file: named as such (descriptors.py)
+                raise fd_limit_error(path, e) from None
             return f"{noun} file unreadable ({e.strerror})"
         if problem is None and _settled(st):
             _VERIFIED.add(key)
@@ -130,13 +137,20 @@ def _boot_id() -> str:
         return ""
 
 
+def _node() -> str:
+    """This machine among those that share the cache: its host name and boot id (a folder name)."""
+    host = socket.gethostname()
+    key = hashlib.sha256(f"{host}\0{_boot_id()}".encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', host)[:64]}-{key}"
+
+
 class _Stamp:
-    """The record that a file of this identity matched `sha256` on this machine since it booted.
-    Every failure to read, lock or write one is quiet: the file is then simply hashed."""
+    """The record that a file of this identity matched `sha256` on this machine since it booted, in
+    the machine's own folder of the cache (other nodes sharing it have theirs). Every failure to read, lock or write one is quiet: the file is then simply hashed."""
 
     def __init__(self, path: Path, st: os.stat_result, sha256: Optional[str]):
         real = os.path.realpath(path)
-        self.path = cache_root() / "verified" / hashlib.sha256(real.encode()).hexdigest()[:40]
+        self.path = cache_root() / "verified" / _node() / hashlib.sha256(real.encode()).hexdigest()[:40]
         self.record = {"path": real, "dev": st.st_dev, "ino": st.st_ino, "bytes": st.st_size,
                        "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "boot": _boot_id(), HASH: sha256}
 
@@ -147,7 +161,7 @@ class _Stamp:
             return False
 
     def write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{os.urandom(4).hex()}")
         try:
             tmp.write_text(json.dumps(self.record))
             os.replace(tmp, self.path)
@@ -157,7 +171,8 @@ class _Stamp:
     @contextlib.contextmanager
     def locked(self):
         """An exclusive lock on this stamp (released when the holder exits, even by kill -9), so that
-        the processes of one machine that open the same shard at once hash it once."""
+        the processes of one machine that open the same shard at once hash it once (the lock file is in
+        the machine's folder: other nodes hash their copy of the work without waiting on this one)."""
         fd = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,13 +6,17 @@ checked against the manifest's vocabulary (one max() per block: ids are unsigned
 not belong to their manifest stop with an error naming the shard and sample, not an index error
 deep in the model.
 
-- MDS: mosaicml-streaming's own shard readers (streaming.base.format), which decode the MDSWriter
-  layout; compressed shards are decompressed with its codecs on first use.
+- MDS: mosaicml-streaming's own shard readers (streaming.base.format) decode each sample; its bytes
+  are read here, with pread through a kept descriptor (the library's reader opens and closes the
+  shard file for every sample: a metadata-server round trip each on Lustre or NFS). Compressed shards
+  are decompressed with its codecs on first use, once for all nodes (prime_scale/data/decompressed.py).
 - webdataset: the tar shards written by ShardWriter. An uncompressed tar can be read at random:
   each shard's member offsets are indexed once (stdlib tarfile) and samples are read with pread.
 
 Shards of a remote dataset are downloaded into the local cache when first needed. Shard files are
-opened on first read, in the process that reads (each DataLoader worker opens its own).
+opened on first read, in the process that reads (each DataLoader worker opens its own), and at most a
+few dozen stay open per source (prime_scale/data/descriptors.py): a dataset of more shards than the
+open-file limit reads fine, and running out of descriptors anyway is named as the limit, not as damage.
 
 Damage is named before it can train (prime_scale/data/integrity.py): `open_source` checks that every
 shard of the split exists with its recorded size (stats only), a shard's content hash is checked
@@ -31,6 +35,7 @@ from typing import Optional
 
 import numpy as np
 
+from prime_scale.data.descriptors import Descriptors, fd_limit_error, is_fd_limit
 from prime_scale.data.format import TOKENS_FIELD, manifest_path, split_info
 from prime_scale.data.integrity import RESTORE, damaged, hash_problem, recorded_files, size_problem
 from prime_scale.data.remote import RemoteNotFound, fetch, is_remote, remote_join
@@ -53,6 +58,7 @@ class Source:
         self.dtype = np.dtype(manifest["dtype"])
         self.num_samples = split_info(manifest, split)["sequences"]
         self.checks, self.files, self.manifest_file = CHECKS, recorded_files(manifest), manifest_path(manifest)
+        self._fds = Descriptors()  # the open shard files, bounded
         self.shard_sizes = self._shard_sizes()
         if int(self.shard_sizes.sum()) != self.num_samples:
             raise UserError(f"{self.dir}/{split}: the shards hold {int(self.shard_sizes.sum())} samples but the "
@@ -157,7 +163,7 @@ class Source:
                         "the shard, or prepare the dataset again with `prime-scale prep shard` (or restore the "
                         "manifest written with these shards); `prime-scale prep inspect --verify` checks every shard")
 
-    def __getstate__(self):  # open handles stay in the process that opened them
+    def __getstate__(self):  # readers and open files stay in the process that opened them
         state = dict(self.__dict__)
         state["_open"] = {}
         return state
@@ -169,6 +175,8 @@ class MDSSource(Source):
         try:
             self._index = json.loads(index.read_text())
         except (OSError, json.JSONDecodeError) as e:
+            if is_fd_limit(e):
+                raise fd_limit_error(index, e) from None
             raise UserError(f"{index}: cannot read the MDS index ({e}); {RESTORE}") from None
         self._open: dict = {}
         return np.array([s["samples"] for s in self._index["shards"]], dtype=np.int64)
@@ -189,35 +197,41 @@ class MDSSource(Source):
             info = self._index["shards"][shard]
             if info.get("format") != "mds":
                 raise UserError(f"{self.dir}/{self.split}/index.json: shard {shard} is {info.get('format')!r}, not mds")
-            path = self._verified(self.shard_file(shard))
+            rel = self.shard_file(shard)
+            path = self._verified(rel)
             if info.get("zip_data"):
-                self._ensure_raw(info, path)
+                from prime_scale.data.decompressed import ensure_raw
+
+                ensure_raw(info, path, (self.files or {}).get(rel) if self.checks else None)
             reader = reader_from_json(str(self.dir), self.split, info)
             self._open[shard] = reader
         return reader
 
-    def _ensure_raw(self, info: dict, zipped: Path) -> None:
-        """The decompressed copy that streaming's reader reads, made from the (verified) compressed
-        shard beside it; a copy not of the size the index records is made again."""
-        raw = self.dir / self.split / info["raw_data"]["basename"]
-        if raw.exists() and raw.stat().st_size == info["raw_data"]["bytes"]:
-            return
-        from streaming.base.compression import decompress
-
-        try:
-            data = decompress(info["compression"], zipped.read_bytes())
-        except Exception as e:  # each codec raises its own types; a shard that does not decompress is damaged
-            raise damaged(zipped, f"cannot decompress the shard ({type(e).__name__}: {e})") from None
-        tmp = raw.with_name(f".{raw.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, raw)
+    def _offsets(self, shard: int, fd: int) -> np.ndarray:
+        """The shard's sample offsets, read once per open: the MDS layout starts with a uint32 sample
+        count and uint32 offsets[count + 1] (streaming's get_sample_data reads two of them per sample)."""
+        n = int(self._index["shards"][shard]["samples"])
+        head = os.pread(fd, 4 * (n + 2), 0)
+        table = np.frombuffer(head, np.uint32).astype(np.int64) if len(head) == 4 * (n + 2) else None
+        if table is None or table[0] != n or (np.diff(table[1:]) < 0).any():
+            raise ValueError(f"its header does not describe the index's {n} samples")
+        return table[1:]
 
     def _read_in_shard(self, shard: int, rows: np.ndarray) -> np.ndarray:
         reader = self._reader(shard)
+        raw = self.dir / self.split / self._index["shards"][shard]["raw_data"]["basename"]
+        try:
+            fd, offsets = self._fds.get(raw, lambda fd: self._offsets(shard, fd))
+        except (OSError, ValueError) as e:
+            raise self._unreadable(shard, int(rows[0]), e) from None
         out = np.empty((rows.size, self.seq_len), dtype=self.dtype)
         for j, r in enumerate(rows):
+            begin, end = int(offsets[r]), int(offsets[r + 1])
             try:  # free unless raised: a shard damaged after it was verified, or never verified
-                out[j] = reader.get_item(int(r))[TOKENS_FIELD]
+                data = os.pread(fd, end - begin, begin)
+                if len(data) != end - begin:
+                    raise ValueError(f"{len(data)} of the sample's {end - begin} bytes in the file")
+                out[j] = reader.decode_sample(data)[TOKENS_FIELD]
             except (OSError, ValueError, IndexError) as e:
                 raise self._unreadable(shard, int(r), e) from None
         return out
@@ -234,7 +248,8 @@ class WDSSource(Source):
         entry = (self.files or {}).get(rel)  # sizes of tar shards are recorded only in `files`
         return rel, None if entry is None else entry["bytes"], self.manifest_file
 
-    def _index_shard(self, shard: int):
+    def _index_shard(self, shard: int) -> tuple[Path, np.ndarray]:
+        """(the shard's local path, its samples' (offset, size) in the tar), indexed once per process."""
         entry = self._open.get(shard)
         if entry is None:
             info = self._shards[shard]
@@ -244,15 +259,21 @@ class WDSSource(Source):
                 with tarfile.open(path, mode="r:") as tf:  # uncompressed only: offsets must be seekable
                     members = [(m.offset_data, m.size) for m in tf if m.isfile() and m.name.endswith(suffix)]
             except (OSError, tarfile.TarError) as e:
+                if is_fd_limit(e):
+                    raise fd_limit_error(path, e) from None
                 raise damaged(path, f"not a readable uncompressed tar shard ({e})") from None
             if len(members) != info["samples"]:
                 raise damaged(path, f"holds {len(members)} samples, the manifest says {info['samples']}")
-            entry = (os.open(path, os.O_RDONLY), np.array(members, dtype=np.int64).reshape(-1, 2))
+            entry = (path, np.array(members, dtype=np.int64).reshape(-1, 2))
             self._open[shard] = entry
         return entry
 
     def _read_in_shard(self, shard: int, rows: np.ndarray) -> np.ndarray:
-        fd, members = self._index_shard(shard)
+        path, members = self._index_shard(shard)
+        try:
+            fd, _ = self._fds.get(path)
+        except OSError as e:
+            raise self._unreadable(shard, int(rows[0]), e) from None
         out = np.empty((rows.size, self.seq_len), dtype=self.dtype)
         for j, r in enumerate(rows):
             offset, size = members[r]
@@ -261,13 +282,6 @@ class WDSSource(Source):
             except (OSError, ValueError, EOFError) as e:
                 raise self._unreadable(shard, int(r), e) from None
         return out
-
-    def __del__(self):
-        for fd, _ in getattr(self, "_open", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def open_source(manifest: dict, split: str, check: bool = True) -> Source:

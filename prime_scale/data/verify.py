@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prime_scale.data.descriptors import fd_limit_error, is_fd_limit
 from prime_scale.data.format import TOKENS_FIELD, manifest_path
 from prime_scale.data.integrity import (HASH, NO_HASHES, content_problem, file_digest, recorded_files,
                                         size_problem)
@@ -83,6 +84,8 @@ def _shard_problem(src: Source, shard: int) -> str | None:
     except UserError as e:
         return f"cannot download it ({e})"
     except OSError as e:
+        if is_fd_limit(e):  # the process's open-file limit, not damage
+            raise fd_limit_error(src.dir / rel, e) from None
         return f"shard file unreadable ({e.strerror})"
     entry = (src.files or {}).get(rel)
     if entry and (problem := content_problem(len(data), lambda: hashlib.new(HASH, data).hexdigest(), entry)):
