@@ -65,12 +65,16 @@ def test_manifest_records_layout_and_partitions(runs):
     assert dims["1.fc2.bias"] is None and dims["1.ln.weight"] is None
     padded_rows = {e["local"]: e.get("unpadded_size") for s in m["shards"] for e in s["params"]}
     assert padded_rows["0.emb.weight"] == V and padded_rows["3.out.weight"] == V and padded_rows["1.fc1.weight"] is None
-    assert m["step"] == 2 and m["vocab_size"] == V and m["ema"] == "per_shard"
+    assert m["step"] == 2 and m["vocab_size"] == V and m["ema"] == "split"
     z3 = mf.read_manifest(work / "tp2_z3" / "ckpt" / "step_2")
     assert z3["ema"] == "per_rank" and len([f for f in z3["files"] if f["path"].startswith("ema/")]) == 4
     assert (work / "pp2_tp2_z1" / "ckpt" / "latest").read_text() == "step_2"
     sizes = {f["path"]: f["bytes"] for f in m["files"]}
-    assert "extra/rank_00003.pt" in sizes and "ema/tp01_pp01.safetensors" in sizes
+    assert "extra/rank_00003.pt" in sizes and "ema/tp01_pp01_dp000.safetensors" in sizes
+    # under DP 2 both data-parallel ranks of each shard write a share of its EMA
+    z0 = mf.read_manifest(work / "tp2_z0" / "ckpt" / "step_2")
+    assert sorted(f["path"] for f in z0["files"] if f["path"].startswith("ema/")) == [
+        f"ema/tp{t:02d}_pp00_dp{d:03d}.safetensors" for t in (0, 1) for d in (0, 1)]
 
 
 def _read_all(path):

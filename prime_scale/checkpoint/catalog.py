@@ -8,8 +8,8 @@ A checkpoint directory holds one folder per save, `step_<N>`, plus a `latest` po
 
 A folder counts as a checkpoint only if its manifest parses and every file it lists exists with the
 recorded size (`read_manifest`, cheap). The manifest also records every file's SHA-256, computed
-while the save flushes the file to disk; `verify` re-reads the files and names any whose content
-changed (bit rot, an overwrite that kept the size). Resume, `convert`, `eval` and
+by the rank that wrote the file while it flushes it to disk (and that rank, `rank`); `verify`
+re-reads the files and names any whose content changed (bit rot, an overwrite that kept the size). Resume, `convert`, `eval` and
 `prime-scale checkpoint verify` check it. Saves happen in `step_<N>.tmp-<nonce>` and are renamed
 into place after the manifest is written, so a crash at any moment leaves either the old set of
 checkpoints or the new one. Pure Python (no torch): `prime-scale convert` and tools can use it cheaply.
@@ -142,17 +142,25 @@ def relative_files(folder: Path, skip: Iterable[str] = ()) -> list[str]:
     return sorted(out)
 
 
+def share_of(entries: list[dict], rank: int, world: int) -> list[dict]:
+    """Rank `rank`'s part of a collective verification by `world` ranks: the files recorded as written
+    by a rank r with r % world == rank (under the writing layout, the files it wrote itself, likely
+    still in its node's page cache), and every world-th of the files without a writer."""
+    mine = [e for e in entries if "rank" in e and int(e["rank"]) % world == rank]
+    return mine + [e for e in entries if "rank" not in e][rank::world]
+
+
 def damage(folder: Path, share: tuple[int, int] = (0, 1)) -> list[str]:
     """What is wrong with a checkpoint folder, one line per file ([] = intact). Sizes first (cheap, all
-    files); then the recorded hashes are recomputed, of every `world`-th file from `rank` for
-    share=(rank, world) (a rank's part of a collective verification; default all of them)."""
+    files); then the recorded hashes are recomputed, of rank's share (share_of) for share=(rank, world)
+    (a rank's part of a collective verification; default all of them)."""
     try:
         manifest = read_manifest(folder)
     except IncompleteCheckpoint as e:
         return [str(e)]
     rank, world = share
     problems = []
-    for entry in manifest["files"][rank::world]:
+    for entry in share_of(manifest["files"], rank, world):
         expected = entry.get(HASH)
         if expected is None:
             continue  # written before prime-scale recorded hashes: the size check is all there is

@@ -2,11 +2,15 @@
 
 save() is collective (every rank calls it). All ranks write into `<dir>/step_<N>.tmp-<nonce>`:
 DeepSpeed's own files (model, optimizer, LR schedule; sharded as the engine is), our per-rank extra
-state (data-loader position, RNG streams, counters) and, once per model-parallel shard, the EMA
-weights. After a barrier rank 0 writes the manifest (layout, recipe, tokenizer identity, the TP
-partition of every parameter, every file with its size), renames the folder to `step_<N>`, points
-`latest` at it and applies keep-last-k retention. A crash before the rename leaves only a `.tmp-`
-folder, which is never loaded and is deleted by the next save.
+state (data-loader position, RNG streams, counters) and the EMA weights (each data-parallel rank a
+share of its shard's; ema_files.py). Every rank hashes and flushes the files it wrote itself
+(writes.py records them), then rank 0 writes the manifest (layout, recipe, tokenizer identity, the TP
+partition of every parameter, every file with its size, hash and writing rank), logs the save's bytes
+and seconds per rank, renames the folder to `step_<N>`, points `latest` at it and applies keep-last-k
+retention. A crash before the rename leaves only a `.tmp-` folder, which is never loaded and is
+deleted by the next save. A write that fails on one rank, inside DeepSpeed's save or ours, ends the
+save on every rank with an error (writes.py: no rank leaves DeepSpeed's collectives early), the
+partial save removed and the previous checkpoint untouched.
 
 load() is collective too. It refuses a checkpoint written under another layout (DeepSpeed's
 optimizer shards only fit the layout that wrote them) with a message that says how to continue,
@@ -15,6 +19,7 @@ and it loads every file weights-only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -31,16 +36,16 @@ import torch.distributed as dist
 
 from prime_scale import fsio
 from prime_scale.checkpoint import catalog as mf
-from prime_scale.checkpoint import rng, safe_load
+from prime_scale.checkpoint import ema_files, rng, safe_load
+from prime_scale.checkpoint.ema_files import EMA_PER_RANK, EMA_SPLIT
 from prime_scale.checkpoint.layout import Coords, check_layout, coords, engine_layout, param_table
+from prime_scale.checkpoint.writes import RankWrites
 from prime_scale.data.tokenizer import copy_tokenizer_files, tokenizer_identity
 from prime_scale.errors import UserError
 from prime_scale.model.naming import NameMap
 from prime_scale.parallel.state import collective_device
 
 EXTRA_DIR = "extra"
-EMA_DIR = "ema"
-EMA_PER_SHARD, EMA_PER_RANK = "per_shard", "per_rank"
 LAYOUT_DIR = "layout"
 TOKENIZER_DIR = "tokenizer"
 
@@ -64,24 +69,36 @@ def _shared_nonce() -> str:
     return f"{int(value.item()):x}"
 
 
-def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=collective_device())
+class FailedElsewhere(UserError):
+    """A collective step failed on another rank (which raised the error itself)."""
+
+
+def _first_failed(failed: bool) -> Optional[int]:
+    """The lowest rank for which `failed` holds, or None (one all-reduce)."""
+    world = dist.get_world_size()
+    flag = torch.tensor([dist.get_rank() if failed else world], dtype=torch.int64, device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return None if int(flag.item()) >= world else int(flag.item())
+
+
+def _all_ok(ok: bool) -> bool:
+    return _first_failed(not ok) is None
 
 
 def on_every_rank(what: str, fn: Callable[[], None]) -> None:
     """Run fn on this rank; if it fails on any rank, every rank raises (instead of the others
-    waiting forever at the next barrier)."""
+    waiting forever at the next barrier). fn must not itself run collectives that a failure on
+    some ranks could skip."""
     error = None
     try:
         fn()
     except Exception as e:  # re-raised below, on this rank, after the others have heard of it
         error = e
-    if not _all_ok(error is None):
+    failed = _first_failed(error is not None)
+    if failed is not None:
         if error is not None:
             raise error
-        raise UserError(f"{what} failed on another rank (see its error)")
+        raise FailedElsewhere(f"{what} failed on rank {failed} (see its error)")
 
 
 def _weights_only_problem(obj) -> Optional[str]:
@@ -108,9 +125,9 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
 
     extra_state: this rank's own state (data-loader position, counters, ...); RNG streams are added
         automatically. Must hold only tensors, containers and primitives (it is loaded weights-only).
-    ema: EMA weights keyed by the engine's local parameter names, with TP-local shapes, written once
-        per model-parallel shard (by data-parallel rank 0); under ZeRO-3, this rank's partitions
-        (the shapes of the parameters' ds_tensor), written by every rank.
+    ema: EMA weights keyed by the engine's local parameter names, with TP-local shapes (the data-
+        parallel ranks of a shard write a share each); under ZeRO-3, this rank's partitions (the
+        shapes of the parameters' ds_tensor), written by every rank.
     meta: `recipe` (resolved recipe dict), `vocab_size`, `tokenizer` (path to the tokenizer file or
         directory: copied into the checkpoint and hashed); any other keys are kept under manifest["meta"].
     keep_last: after publishing, delete all but the newest keep_last complete checkpoints.
@@ -120,8 +137,8 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
         of the TP degree (e.g. vocabulary rows); consolidation trims the padding, resharding re-pads.
     where: this rank's coordinates (the trainer's ParallelState); default: asked of the engine.
     protect: checkpoint names retention must not delete (found damaged: kept for the user).
-    Returns the published folder. A full disk is a UserError naming the intact previous checkpoint;
-    the partial save is removed.
+    Returns the published folder. A full disk or a failed write (on any rank) is a UserError on
+    every rank naming the intact previous checkpoint; the partial save is removed.
     """
     ckpt_dir = Path(ckpt_dir)
     meta = dict(meta or {})
@@ -148,13 +165,19 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
         full = _out_of_space(e, ckpt_dir)  # before the clean-up frees what the partial save took
         if c.rank == 0:  # every rank has stopped writing (each phase ends in a collective): clean up
             shutil.rmtree(tmp, ignore_errors=True)
-        if full is None:
+        if full is None and not isinstance(e, (OSError, FailedElsewhere)):
             raise
         previous = mf.find_latest_complete(ckpt_dir)
         intact = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"no space left on the device while saving checkpoint step {step} to {ckpt_dir} ({full}); "
-                        f"the partial save was removed and {intact}. Free space (or set checkpoint.dir "
-                        "elsewhere), then continue with --resume auto") from None
+        if full is not None:
+            raise UserError(f"no space left on the device while saving checkpoint step {step} to {ckpt_dir} "
+                            f"({full}); the partial save was removed and {intact}. Free space (or set "
+                            "checkpoint.dir elsewhere), then continue with --resume auto") from None
+        if isinstance(e, FailedElsewhere):
+            raise FailedElsewhere(f"{e}; the partial save was removed and {intact}") from None
+        raise UserError(f"checkpoint step {step}: rank {c.rank} could not write {e.filename or 'its files'} "
+                        f"({e.strerror or e}); the partial save was removed and {intact}. Check the storage "
+                        f"of {ckpt_dir}, then continue with --resume auto") from None
 
 
 def _out_of_space(error: BaseException, ckpt_dir: Path) -> Optional[str]:
@@ -178,34 +201,43 @@ def _save_into(engine, tmp: Path, final: Path, c: Coords, step: int, payload: di
                keep_last, name_map, unpadded, protect) -> Path:
     """The phases of a save, each ending in a collective that every rank reaches even on failure."""
     ckpt_dir = final.parent
-
-    def deepspeed_files():
+    writes = RankWrites(tmp)
+    # An error DeepSpeed raises itself (not one of its writes, which writes.py defers) leaves the other
+    # ranks in one of its collectives, which one unknown: this rank then joins no further collective
+    # and leaves with the error; its exit ends the others' wait (gloo at once, NCCL at the group timeout).
+    with writes.deepspeed_io(engine):
         engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"prime_scale_step": int(step)},
                                save_latest=False)
+    on_every_rank(f"checkpoint step {step}: writing DeepSpeed's files", writes.raise_deferred)
 
-    on_every_rank(f"checkpoint step {step}: writing DeepSpeed's files", deepspeed_files)
-
-    ema_mode = None if ema is None else (EMA_PER_RANK if _zero3(engine) else EMA_PER_SHARD)
+    ema_mode = None if ema is None else (EMA_PER_RANK if _zero3(engine) else EMA_SPLIT)
 
     def write_own_files():
         (tmp / EXTRA_DIR).mkdir(exist_ok=True)
         torch.save(payload, tmp / EXTRA_DIR / f"rank_{c.rank:05d}.pt")
+        writes.wrote(tmp / EXTRA_DIR / f"rank_{c.rank:05d}.pt")
         (tmp / LAYOUT_DIR).mkdir(exist_ok=True)
         record = {**dataclasses.asdict(c), "mp_file_rank": int(getattr(engine, "checkpoint_mp_rank", 0))}
         if c.dp == 0:
             record.update(param_table(engine, name_map, unpadded or {}))
-        if ema_mode == EMA_PER_RANK or (ema_mode == EMA_PER_SHARD and c.dp == 0):
-            _save_ema(tmp, c, engine, ema, ema_mode)
+        if ema_mode is not None:
+            writes.wrote(ema_files.save(tmp, c, engine, ema, ema_mode))
         (tmp / LAYOUT_DIR / f"rank_{c.rank:05d}.json").write_text(json.dumps(record))
 
     on_every_rank(f"checkpoint step {step}: writing", write_own_files)
 
-    def hash_own_share():  # every rank hashes and flushes a share of the files: the work spreads
-        files = mf.relative_files(tmp, skip=(LAYOUT_DIR,))
-        records = mf.describe_files(tmp, files[c.rank::c.world])
-        (tmp / LAYOUT_DIR / f"files_{c.rank:05d}.json").write_text(json.dumps(records))
+    def hash_own_files():
+        # what this rank wrote, from its own page cache (never another node's files over the network)
+        records = [{**r, "rank": c.rank} for r in mf.describe_files(tmp, writes.paths)]
+        replaced = None
+        if final.exists():  # the same step saved again: each rank checks the files it wrote of the old one
+            replaced = (["found damaged before this save"] if final.name in protect
+                        else mf.damage(final, (c.rank, c.world)))
+        report = {"rank": c.rank, "bytes": sum(r["bytes"] for r in records), "seconds": round(writes.seconds(), 3),
+                  "files": records, "replaced_damage": replaced}
+        (tmp / LAYOUT_DIR / f"files_{c.rank:05d}.json").write_text(json.dumps(report))
 
-    on_every_rank(f"checkpoint step {step}: hashing", hash_own_share)  # also the barrier before publishing
+    on_every_rank(f"checkpoint step {step}: hashing", hash_own_files)  # also the barrier before publishing
 
     def publish():
         if c.rank == 0:
@@ -221,35 +253,22 @@ def _zero3(engine) -> bool:
     return int(engine.zero_optimization_stage()) == 3
 
 
-def ema_file(c: Coords, mode: str) -> str:
-    """EMA file of a rank: one per model-parallel shard, or (ZeRO-3 partitions) one per rank."""
-    if mode == EMA_PER_RANK:
-        return f"rank_{c.rank:05d}.safetensors"
-    return f"tp{c.tp:02d}_pp{c.pp:02d}.safetensors"
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.2f} MiB"
 
 
-def _save_ema(tmp: Path, c: Coords, engine, ema: Mapping[str, torch.Tensor], mode: str) -> None:
-    from safetensors.torch import save_file
+def save_figures(step: int, reports: list[dict]) -> str:
+    """The log line of a save: what the ranks wrote, and the ranks that wrote most, least, slowest."""
+    def one(r):
+        return f"rank {r['rank']} wrote {_mib(r['bytes'])} in {r['seconds']:.2f} s"
 
-    want = {}
-    for name, p in engine.module.named_parameters():
-        if mode == EMA_PER_RANK:
-            want[name] = list(p.ds_tensor.shape)
-        else:
-            want[name] = list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
-    missing = sorted(set(want) - set(ema))
-    extra = sorted(set(ema) - set(want))
-    if missing or extra:
-        raise UserError(f"rank {c.rank}: EMA weights do not match the model's parameters "
-                        f"(missing: {missing[:5]}, unknown: {extra[:5]})")
-    tensors = {}
-    for name, t in ema.items():
-        if list(t.shape) != want[name]:
-            what = "this rank's ZeRO-3 partition" if mode == EMA_PER_RANK else "the full TP-local tensor"
-            raise UserError(f"rank {c.rank}: EMA tensor {name} has shape {list(t.shape)}, {what} is {want[name]}")
-        tensors[name] = t.detach().to("cpu").contiguous()
-    (tmp / EMA_DIR).mkdir(exist_ok=True)
-    save_file(tensors, str(tmp / EMA_DIR / ema_file(c, mode)))
+    if len(reports) == 1:
+        return f"checkpoint step {step}: {one(reports[0])}"
+    most = max(reports, key=lambda r: (r["bytes"], -r["rank"]))
+    least = min(reports, key=lambda r: (r["bytes"], r["rank"]))
+    slowest = max(reports, key=lambda r: (r["seconds"], -r["rank"]))
+    return (f"checkpoint step {step}: {len(reports)} ranks wrote {_mib(sum(r['bytes'] for r in reports))}; "
+            f"most: {one(most)}; least: {one(least)}; slowest: {one(slowest)}")
 
 
 def _publish(engine, tmp: Path, final: Path, c: Coords, step: int, meta: dict, ema_mode: Optional[str]) -> None:
@@ -258,7 +277,9 @@ def _publish(engine, tmp: Path, final: Path, c: Coords, step: int, meta: dict, e
     if len(records) != c.world:
         raise RuntimeError(f"{tmp}: {len(records)} of {c.world} ranks wrote their layout record "
                            "(a shared filesystem is required for multi-node checkpoints)")
-    files = [e for p in sorted((tmp / LAYOUT_DIR).glob("files_*.json")) for e in json.loads(p.read_text())]
+    reports = [json.loads(p.read_text()) for p in sorted((tmp / LAYOUT_DIR).glob("files_*.json"))]
+    files = list({e["path"]: e for r in reversed(reports) for e in r["files"]}.values())  # a path once: the lowest rank's
+    replaced_damage = [p for r in reports for p in (r["replaced_damage"] or [])]
     shutil.rmtree(tmp / LAYOUT_DIR)
     shards = [{k: r[k] for k in ("tp", "pp", "mp_file_rank", "params", "buffers")}
               for r in records if r["dp"] == 0]
@@ -287,18 +308,19 @@ def _publish(engine, tmp: Path, final: Path, c: Coords, step: int, meta: dict, e
         "tokenizer": tokenizer,
         "meta": meta,
         "files": sorted(files, key=lambda e: e["path"]),
+        "writes": [{k: r[k] for k in ("rank", "bytes", "seconds")} for r in reports],
     }
     fsio.write_atomic(tmp / mf.MANIFEST, json.dumps(manifest, indent=1))
     if final.exists():  # the same step saved again (e.g. right after a resume): replace it
-        problems = mf.damage(final)
-        if problems:  # never delete a damaged checkpoint: it may be what the user investigates
+        if replaced_damage:  # never delete a damaged checkpoint: it may be what the user investigates
             aside = mf.set_aside(final)
-            print(f"warning: {final} was damaged ({problems[0]}); kept as {aside.name}", flush=True)
+            print(f"warning: {final} was damaged ({replaced_damage[0]}); kept as {aside.name}", flush=True)
         else:
             mf.remove_tree(final)
     os.replace(tmp, final)
     fsio.fsync_dir(final.parent)
     fsio.write_atomic(final.parent / mf.LATEST, final.name)
+    print(save_figures(step, reports), flush=True)
 
 
 # --------------------------------------------------------------------------- load
@@ -320,19 +342,35 @@ def load(engine, ckpt_dir: Union[str, Path], tag: Optional[str] = None, *,
     check_layout(manifest, engine_layout(engine, c), folder)
 
     try:
-        with safe_load.weights_only_loading():
+        with safe_load.weights_only_loading(), _refusals_name_the_file(engine.checkpoint_engine):
             path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-    except pickle.UnpicklingError as e:  # DeepSpeed does not say which file: name the checkpoint
+    except pickle.UnpicklingError as e:  # a load outside DeepSpeed's checkpoint engine: name the checkpoint
         raise safe_load.refusal(folder, e) from None
     payload = safe_load.load(folder / EXTRA_DIR / f"rank_{c.rank:05d}.pt")
     if path is None:
         raise UserError(f"{folder}: DeepSpeed found no model files for this rank (rank {c.rank})")
 
-    ema = None
-    if manifest.get("ema"):
-        from safetensors.torch import load_file
-
-        ema = load_file(str(folder / EMA_DIR / ema_file(c, manifest["ema"])))
+    ema = ema_files.load(folder, manifest, c) if manifest.get("ema") else None
     rng.restore(payload["rng"])
     return Restored(path=folder, step=int(payload["step"]), extra=payload["extra"], ema=ema, manifest=manifest)
+
+
+@contextlib.contextmanager
+def _refusals_name_the_file(checkpoint_engine):
+    """DeepSpeed loads every file of a checkpoint through its checkpoint engine and does not say
+    which one a refused unpickling came from: name it (each rank loads its own optimizer partition,
+    so only the rank that holds a bad file sees it)."""
+    load = checkpoint_engine.load
+
+    def named(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise safe_load.refusal(path, e) from None
+
+    checkpoint_engine.load = named
+    try:
+        yield
+    finally:
+        checkpoint_engine.load = load

@@ -9,7 +9,8 @@ Where each parameter's values live depends on the layout that wrote the checkpoi
   laid out rank by rank in the order of the model file's `param_shapes`.
 - ZeRO 0 in fp32 (no master copy exists): the module weights, in `mp_rank_<mp>_model_states.pt`, or
   for the pipeline engine in its per-layer files `layer_<i>-model_<tp>-model_states.pt`.
-- EMA weights: our own `ema/tp<t>_pp<p>.safetensors`, one per model-parallel shard.
+- EMA weights: our own `ema/` files (checkpoint/ema_files.py): a model-parallel shard's tensors spread
+  over its data-parallel ranks' files, one file per shard (older checkpoints), or ZeRO-3 partitions.
 The manifest (written at save time) says which parameters each (tp, pp) shard holds, under which
 local and canonical names, and how megatron split each across TP ranks; so no model code is needed.
 
@@ -30,8 +31,8 @@ from typing import Optional
 import torch
 
 from prime_scale.checkpoint import safe_load
-from prime_scale.checkpoint.layout import Coords
-from prime_scale.checkpoint.store import EMA_DIR, EMA_PER_RANK, ema_file
+from prime_scale.checkpoint import ema_files
+from prime_scale.checkpoint.ema_files import EMA_DIR, EMA_PER_RANK
 from prime_scale.errors import UserError
 from prime_scale.export import shards
 from prime_scale.export.untrusted import read_header
@@ -173,6 +174,7 @@ class ShardedReader:
         for mp, lst in self.optim_files.items():
             self.optim_files[mp] = [p for _, p in sorted(lst)]
         self._index: dict[int, dict] = {}
+        self._ema_index: dict[tuple, dict] = {}  # (tp, pp) -> EMA tensor name -> its file
 
     # ---------------------------------------------------------------- index of the optimizer partitions
 
@@ -243,18 +245,18 @@ class ShardedReader:
         return t
 
     def _read_ema(self, piece: Piece) -> torch.Tensor:
-        mode = self.manifest["ema"]
-        if mode != EMA_PER_RANK:
-            coords = Coords(0, 0, piece.tp, 0, piece.pp, 0, 0, 0)
-            return self.files.safetensors(self.folder / EMA_DIR / ema_file(coords, mode)).get_tensor(piece.local)
+        paths = [self.folder / EMA_DIR / f for f in ema_files.shard_files(self.manifest, piece.tp, piece.pp)]
+        if self.manifest["ema"] != EMA_PER_RANK:  # the shard's tensors, in one of its files
+            key = (piece.tp, piece.pp)
+            if key not in self._ema_index:
+                self._ema_index[key] = {n: p for p in paths for n in self.files.safetensors(p).keys()}
+            path = self._ema_index[key].get(piece.local)
+            if path is None:
+                raise UserError(f"{self.folder}: no EMA weights for {piece.local} (tp={piece.tp}, pp={piece.pp}) in "
+                                f"{', '.join(p.name for p in paths)}; {safe_load.RESTORE}")
+            return self.files.safetensors(path).get_tensor(piece.local)
         # ZeRO-3: every data-parallel rank holds a contiguous piece of the flattened tensor
-        ranks = sorted((r["dp"], r["rank"]) for r in self.manifest["ranks"]
-                       if r["tp"] == piece.tp and r["pp"] == piece.pp)
-        parts = []
-        for _, rank in ranks:
-            coords = Coords(rank, 0, piece.tp, 0, piece.pp, 0, 0, 0)
-            f = self.files.safetensors(self.folder / EMA_DIR / ema_file(coords, mode))
-            parts.append(f.get_tensor(piece.local).reshape(-1))
+        parts = [self.files.safetensors(p).get_tensor(piece.local).reshape(-1) for p in paths]
         return torch.cat(parts)[:math.prod(piece.shape)].view(piece.shape)
 
     def _read_master(self, index: dict, piece: Piece) -> torch.Tensor:
