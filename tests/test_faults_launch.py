@@ -237,3 +237,44 @@ def test_sigint_to_a_background_nproc_launcher_saves_and_exits_3(tmp_path):
     stopped = max(r["step"] for r in _records(run))
     assert find_latest_complete(run / "checkpoints").name == f"step_{stopped}"
     assert "SIGINT received" in launcher.log.read_text()
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint file would hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_refusal_on_one_rank_is_the_named_error_not_its_peers_traceback(tmp_path):
+    """Rank 1's ZeRO optimizer file is a pickle that would run a command (its manifest entry
+    re-recorded, so the checkpoint passes its hashes): rank 1 refuses it with a named error while rank 0 waits in a
+    collective and then dies in gloo. The launcher prints the named error and exits 2, not 1."""
+    import hashlib
+
+    import torch
+
+    run = tmp_path / "run"
+    steps = ["train.steps=2", "checkpoint.every=2", "parallel.zero_stage=1", "--nproc", "2"]
+    first = subprocess.run(_command(run, *steps), env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    step = run / "checkpoints" / "step_2"
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    target = next(step.rglob(name))
+    pwned = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _RunsCode(f"touch {pwned}")}, target)
+    manifest = json.loads((step / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"].endswith(name):
+            entry["bytes"] = target.stat().st_size
+            if "sha256" in entry:
+                entry["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    resumed = subprocess.run(_command(run, *steps, "train.steps=4", "--resume", "auto"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 2, (resumed.returncode, resumed.stderr[-3000:])
+    assert name in resumed.stderr and "prime-scale train: error:" in resumed.stderr
+    assert "failed (exit codes" not in resumed.stderr and not pwned.exists()

@@ -168,9 +168,10 @@ def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Map
                  pass_fds: Sequence[int] = ()) -> int:
     """Run `python -m module argv` as N ranks on this machine (the variables torchrun would set)
     and wait for them. If a rank fails the others are stopped. User errors of the ranks are printed
-    once (each distinct message), with the exit code USER_ERROR; any other failure gives
-    INTERNAL_ERROR, the ranks' tracebacks being on the console already. The ranks die with the
-    launcher (die_with_launcher); SIGTERM / SIGUSR1 to the launcher are passed on to them, and it
+    once (each distinct message), with the exit code USER_ERROR, also when the peers of the ranks
+    that raised it died in a collective afterwards; any other failure gives INTERNAL_ERROR, the
+    ranks' tracebacks being on the console already. The ranks die with the launcher
+    (die_with_launcher); SIGTERM / SIGUSR1 / SIGINT to the launcher are passed on to them, and it
     waits for them. `pass_fds`: open files the ranks inherit (the run directory's lock)."""
     import subprocess
     import sys
@@ -192,7 +193,7 @@ def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Map
             env[ERROR_DIR_ENV] = errors
             procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env, pass_fds=tuple(pass_fds)))
         with _forwarding_stop_signals(procs):
-            codes = _wait_all(procs, time)
+            codes, first_failed = _wait_all(procs, time)
         messages = sorted({f.read_text().strip() for f in Path(errors).iterdir()})
     for line in messages:
         print(line, file=sys.stderr)
@@ -203,6 +204,13 @@ def launch_local(nproc: int, module: str, argv: list[str], environ: Optional[Map
     if any(c in (INTERRUPTED, -signal.SIGINT) for c in codes):  # a second Ctrl-C: aborted unsaved
         return INTERRUPTED
     if messages and all(c in (0, USER_ERROR) or c < 0 for c in codes):
+        return USER_ERROR
+    if messages and all(codes[r] == USER_ERROR for r in first_failed):
+        # a user error raised on some ranks only: its peers then fail in the collective it left
+        # (gloo/NCCL connection errors, with tracebacks); the named error is the cause
+        peers = sorted(r for r, c in enumerate(codes) if c not in (0, USER_ERROR))
+        print(f"prime-scale train: rank(s) {peers} failed after rank(s) {first_failed} stopped on the error "
+              "above (their tracebacks are its consequence)", file=sys.stderr)
         return USER_ERROR
     bad = {r: c for r, c in enumerate(codes) if c != 0}
     print(f"prime-scale train: rank(s) {sorted(bad)} failed (exit codes {bad})", file=sys.stderr)
@@ -297,15 +305,20 @@ def _watch_parent(launcher: int, interval_s: float = 0.5) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _wait_all(procs, time, grace_s: float = 10.0) -> list[int]:
-    """Exit codes of all ranks; once one fails, the others get grace_s to finish, then are killed."""
-    failed_at = None
+def _wait_all(procs, time, grace_s: float = 10.0) -> tuple[list[int], list[int]]:
+    """Exit codes of all ranks, and the ranks that failed first (those seen failed at the first poll
+    that saw any failure: the cause; the peers that fail after it, in a collective whose partner
+    left, are its consequences). Once one fails, the others get grace_s to finish, then are killed."""
+    failed_at, first = None, []
     while any(p.poll() is None for p in procs):
         if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
             failed_at = time.monotonic()
+            first = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.05)
-    return [p.returncode for p in procs]
+    if not first:
+        first = [r for r, p in enumerate(procs) if p.returncode != 0]
+    return [p.returncode for p in procs], first
