@@ -20,6 +20,7 @@ exposes (TrainState, the data loader's state_dict, the engine's EMA).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -167,6 +168,7 @@ class TrainingCheckpoints:
             raise UserError(f"step {t.state.step}: the weights hold NaN or infinite values, so this state is not "
                             f"saved (the newest checkpoint in {self.dir} stays the last good one); lower optim.lr "
                             "and continue from it with --resume auto")
+        started = time.monotonic()
         path = store.save(
             t.engine.ds, self.dir, t.state.step,
             extra_state={"train": t.state.state_dict(), "loader": t.train_loader.state_dict()},
@@ -175,9 +177,9 @@ class TrainingCheckpoints:
                   "tokenizer_spec": t.train_loader.tokenizer, "tokens_seen": t.state.tokens_seen},
             keep_last=t.cfg.checkpoint.keep_last, name_map=name_map(module),
             unpadded=unpadded_sizes(module, t.vocab_size), where=Coords.of(t.par), protect=tuple(self.damaged))
-        self.last_saved = t.state.step
+        self.last_saved, self.last_save_s = t.state.step, time.monotonic() - started
         if t.par.is_logging_rank:
-            print(f"  checkpoint @ step {t.state.step}: {path}", flush=True)
+            print(f"  checkpoint @ step {t.state.step}: {path} ({self.last_save_s:.1f} s)", flush=True)
         return path
 
     def after_step(self, trainer) -> None:
@@ -252,6 +254,19 @@ class TrainingCheckpoints:
             dropped = truncate_metrics(Path(trainer.cfg.run.dir) / "metrics.jsonl", trainer.state.step)
             print(f"resumed from {folder} (step {trainer.state.step}, {trainer.state.tokens_seen:,} tokens seen"
                   f"{f'; {dropped} metrics records after it dropped' if dropped else ''})", flush=True)
+            self._warn_if_past_the_requested_steps(folder)
+
+    def _warn_if_past_the_requested_steps(self, folder: Path) -> None:
+        """A checkpoint beyond train.steps is not cut back: nothing is trained and the run stays at
+        its step (exit 0, as for resuming a finished run; docs/cli.md). Said, naming both numbers."""
+        step, steps = self.trainer.state.step, self.trainer.cfg.train.steps
+        if step <= steps:
+            return
+        earlier = [f for s, f in mf.list_step_dirs(folder.parent) if s <= steps]
+        print(f"warning: --resume: the checkpoint {folder.name} is at step {step}, past the requested "
+              f"train.steps={steps}: nothing is trained and the run stays at step {step}. To train on, set "
+              f"train.steps above {step}" + (f"; to continue from an earlier state, --resume "
+                                              f"{earlier[-1]}" if earlier else ""), flush=True)
 
     def _restore_ema(self, folder: Path, saved: Optional[dict]) -> None:
         engine = self.trainer.engine

@@ -17,6 +17,8 @@ def test_torchrun_defaults_forward_no_sigusr1_and_give_30_seconds():
     assert "does not forward SIGUSR1" in lines[0] and "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in lines[0]
     assert "95 s" in lines[1] and "--shutdown-timeout 190" in lines[1]
     assert preemption_warnings(grace, save_s=5.0, slurm=False) == []  # no SLURM: SIGUSR1 is the user's own
+    measured = preemption_warnings(grace, save_s=41.0, slurm=False, measured=True)  # after the first save
+    assert len(measured) == 1 and "took 41 s" in measured[0] and "--shutdown-timeout 82" in measured[0]
 
 
 def test_the_documented_torchrun_line_and_its_environment_variables_are_read():

@@ -76,24 +76,37 @@ def main(args: argparse.Namespace) -> int:
         from prime_scale.train import Trainer
 
         trainer = Trainer(cfg, init_from=args.init_from)
-        hooks.install(trainer, args.resume)
-        trainer.before_loop_hooks.append(_warn_if_a_preemption_cannot_save(grace))
+        checkpoints = hooks.install(trainer, args.resume)
+        before_loop, after_step = _warn_if_a_preemption_cannot_save(grace, checkpoints)
+        trainer.before_loop_hooks.append(before_loop)
+        trainer.after_step_hooks.append(after_step)
         rc = trainer.run()
         return rc or (show_samples(cfg, args.samples) if read_launch_env().world_size == 1 else 0)
 
 
-def _warn_if_a_preemption_cannot_save(grace):
-    """A before-loop hook: rank 0 says, with the fix, when the launcher would kill the ranks before
-    a preemption's checkpoint is written (a signal it does not forward, a grace shorter than a save)."""
-    def warn(trainer) -> None:
-        if not trainer.par.is_logging_rank:
-            return
-        from prime_scale.parallel.preemption import estimated_save_s, preemption_warnings
+def _warn_if_a_preemption_cannot_save(grace, checkpoints):
+    """Hooks: rank 0 says, with the fix, when the launcher would kill the ranks before a
+    preemption's checkpoint is written (a signal it does not forward, a grace shorter than a save):
+    before the loop from an estimate, after the run's first save from that save's own time."""
+    from prime_scale.parallel.preemption import estimated_save_s, preemption_warnings
 
-        save_s = estimated_save_s(checkpoint_bytes_per_rank(trainer.engine))
-        for line in preemption_warnings(grace, save_s, slurm="SLURM_JOB_ID" in os.environ):
-            print(f"warning: {line}", flush=True)
-    return warn
+    slurm = "SLURM_JOB_ID" in os.environ
+    checked = []
+
+    def before_loop(trainer) -> None:
+        if trainer.par.is_logging_rank:
+            save_s = estimated_save_s(checkpoint_bytes_per_rank(trainer.engine))
+            for line in preemption_warnings(grace, save_s, slurm=slurm):
+                print(f"warning: {line}", flush=True)
+
+    def after_step(trainer) -> None:
+        if checked or checkpoints.last_saved != trainer.state.step:
+            return
+        checked.append(True)
+        if trainer.par.is_logging_rank:
+            for line in preemption_warnings(grace, checkpoints.last_save_s, slurm=False, measured=True):
+                print(f"warning: {line}", flush=True)
+    return before_loop, after_step
 
 
 def checkpoint_bytes_per_rank(engine) -> int:
