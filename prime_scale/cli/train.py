@@ -60,6 +60,12 @@ def main(args: argparse.Namespace) -> int:
         launch = read_launch_env()  # bad launcher input: a clear error
         dp = resolve_dp(cfg, launch.world_size)
         lock_here = launch.rank == 0  # under torchrun / deepspeed: global rank 0 only
+    from prime_scale.parallel.fd_limit import ensure_open_file_limit
+
+    world = args.nproc if args.nproc is not None else launch.world_size
+    note = ensure_open_file_limit(world, cfg.data.num_workers)  # before gloo opens a socket per peer
+    if note and lock_here:
+        print(note, flush=True)
     # one training per run directory, locked before --resume reads it or anything is written there
     with run_lock.hold(run_lock.lock_dirs(cfg), take=lock_here) as locks:
         from prime_scale.train import preflight  # torch: imported once the directory is ours
