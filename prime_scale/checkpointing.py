@@ -148,6 +148,7 @@ class TrainingCheckpoints:
         self.dir = checkpoint_dir(trainer.cfg)
         self.resumed_from: Optional[Path] = None
         self.last_saved: Optional[int] = None
+        self.last_save_s: Optional[float] = None  # the last save's wall time on this rank (all ranks' writes)
         self.damaged: set = set()  # checkpoints found damaged at resume: retention keeps them
 
     # ---- what goes into a checkpoint

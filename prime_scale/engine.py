@@ -30,11 +30,10 @@ from torch import nn
 from prime_scale.config import Config, resolve_zero_stage
 from prime_scale.model import ModelArgs, PrimeObjective, PrimeTransformer, layer_builders, name_map
 from prime_scale.noise import Batch
-from prime_scale.optim import WeightEMA, lr_factor, parameter_groups
+from prime_scale.optim import WeightEMA, lr_factor, parameter_groups, undo_priming_step
 from prime_scale.parallel.state import MegatronMPU, ParallelState, import_deepspeed
 
 # --------------------------------------------------------------------------- configuration
-
 
 def grad_accumulation_steps(cfg: Config, dp: int) -> int:
     return cfg.train.global_batch // (cfg.train.micro_batch * dp)
@@ -104,7 +103,7 @@ class TrainModule(nn.Module):
         logits = self.model(yt)
         if evaluate:
             return self.objective.sequence_sums(logits, x0, yt, t, mask)
-        return self.objective.nll(logits, x0, yt, t, mask)[1]
+        return self.objective(logits, (x0, yt, t, mask))  # the training loss (backward follows)
 
 
 class _PoisonGradient(torch.autograd.Function):
@@ -221,6 +220,9 @@ class Engine:
         self.ds, _, _, self.lr_scheduler = deepspeed.initialize(
             model=module, model_parameters=parameter_groups(module, cfg.optim.weight_decay), config=ds_cfg,
             mpu=mpu, lr_scheduler=scheduler, dist_init_required=False)
+        undo_priming_step(self.ds.optimizer)  # bf16 without ZeRO: DeepSpeed stepped AdamW once already
+        if self.pipeline and self.zero_stage == 0 and state.dp == 1:  # as _gradient_reduction at pp = 1: the
+            self.ds.pipeline_enable_backward_allreduce = False  # one-rank reduce, 3% of a step (benchmarks.md)
         self.module = module
         self._norm: Optional[float] = None
         self.loss_ceiling: Optional[float] = None  # this step's: a higher loss drops its update (a spike)
@@ -263,8 +265,7 @@ class Engine:
             # a chunk's float32 Σg² overflows above ~3e38 where float64 does not: count again exactly,
             # so that only a truly non-finite gradient drops the step
             sq = self._squared_norm(params, lambda g: g.double().pow(2).sum())
-        norm = float(sq.sqrt())
-        self._norm = norm
+        self._norm = norm = float(sq.sqrt())
         clip = self.cfg.optim.clip
         if clip > 0 and norm > clip:
             for p in params:
@@ -370,9 +371,8 @@ class Engine:
 
     def _evaluate_plain(self, micro_batches):
         self.ds.eval()
-        device = self.state.device
         out = [self.ds(b.yt, b.x0, b.t, b.mask, evaluate=True).double().cpu()
-               for b in (m.to(device) for m in micro_batches)]
+               for b in (m.to(self.state.device) for m in micro_batches)]
         self.ds.train()
         return torch.cat(out)
 

@@ -4,7 +4,9 @@ What it reports (docs/method.md): the sub-token ELBO per original token, under t
 of prime_scale.noise (`eval_noise`): the linear schedule α_t = 1 − t with t integrated out, so its
 expectation is exactly the NELBO of a proper generative model (no ε truncation, no prior term left
 out) and therefore an upper bound on −log p(x). Then: its perplexity, its standard error, bits per
-byte (with the split's UTF-8 byte count recorded at prep time), and the unigram baseline (the
+byte (with the split's UTF-8 byte count recorded at prep time: each sequence is credited its split's
+mean bytes, the text's own bytes over a whole split, an estimate over a part of it, labelled
+`bits_per_byte_estimated`), and the unigram baseline (the
 cross-entropy of the same tokens under the training split's smoothed token frequencies), so a
 reader sees whether the model learned more than frequencies. The paper's joint objective (a) is
 reported beside it as `train_objective_joint`: a training objective, never a perplexity.
@@ -36,6 +38,8 @@ from prime_scale.noise import Batch, make_eval_batch
 SequenceSums = Callable[[Sequence[Batch]], torch.Tensor]  # batches -> [ΣB, 2] (ELBO, joint) per row
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # yt [B, L·ℓ] -> logits [B, L, V]
 LN2 = math.log(2.0)
+ESTIMATE_NOTE = ("a part of the split, each sequence credited its split's mean bytes; the text's own "
+                 "bytes only over the whole split")
 
 
 @dataclass
@@ -97,19 +101,26 @@ class EvalResult:
     ell: int
     carry_over: bool
     weights: Optional[str] = None  # "ema" or "raw" for a checkpoint's evaluation
+    # both bits-per-byte figures credit each sequence its split's mean bytes (data.stats): the text's
+    # own bytes over a whole pass of the split (False), an estimate over a part of it (True); None:
+    # the bytes are unknown
+    bits_per_byte_estimated: Optional[bool] = None
 
     @classmethod
-    def from_totals(cls, totals: EvalTotals, **meta) -> "EvalResult":
+    def from_totals(cls, totals: EvalTotals, split_sequences: Optional[int] = None, **meta) -> "EvalResult":
+        """split_sequences: the evaluated split's size; the bits per byte are exact only when every one
+        of its sequences was evaluated (None: not known to be, so an estimate)."""
         if totals.tokens <= 0:
             raise UserError("evaluation: no tokens were evaluated; the evaluation data is empty or "
                             "every position is padding")
         nll = totals.nll / totals.tokens
         unigram = totals.unigram / totals.tokens
         per_byte = totals.tokens / (totals.bytes * LN2) if totals.bytes > 0 else float("nan")
+        estimated = None if not math.isfinite(per_byte) else split_sequences != int(totals.sequences)
         return cls(nll_per_token=nll, ppl=_exp(nll), stderr=totals.stderr(), bits_per_byte=nll * per_byte,
                    unigram_nll_per_token=unigram, unigram_bits_per_byte=unigram * per_byte,
                    tokens=int(totals.tokens), sequences=int(totals.sequences),
-                   train_objective_joint=totals.joint / totals.tokens, **meta)
+                   train_objective_joint=totals.joint / totals.tokens, bits_per_byte_estimated=estimated, **meta)
 
     def ppl_ci95(self) -> tuple[float, float]:
         """95% interval of the perplexity bound, from the normal interval of the NLL."""
@@ -125,6 +136,8 @@ class EvalResult:
                           "k uniform, weight N/k): an upper bound on the NLL")
         d["train_objective_joint_note"] = ("the paper's training objective (joint form); not a "
                                            "likelihood bound for ell > 1, never a perplexity")
+        if self.bits_per_byte_estimated:
+            d["bits_per_byte_note"] = ESTIMATE_NOTE
         return _nan_to_none(d)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -132,12 +145,14 @@ class EvalResult:
 
     def format_table(self) -> str:
         lo, hi = self.ppl_ci95()
+        estimated = f" (estimate: {ESTIMATE_NOTE})" if self.bits_per_byte_estimated else ""
         rows = [
             ("NLL bound per token (nats)", f"{self.nll_per_token:.4f} ± {self.stderr:.4f} (s.e.)"),
             ("perplexity bound", f"{self.ppl:.3f}   (95%: {lo:.3f} – {hi:.3f})"),
-            ("bound in bits per byte", _or_unknown(self.bits_per_byte, "{:.4f}")),
+            ("bound in bits per byte", _or_unknown(self.bits_per_byte, "{:.4f}") + estimated),
             ("unigram baseline (nats/token, bits/byte)",
-             f"{_or_unknown(self.unigram_nll_per_token, '{:.4f}')}, {_or_unknown(self.unigram_bits_per_byte, '{:.4f}')}"),
+             f"{_or_unknown(self.unigram_nll_per_token, '{:.4f}')}, "
+             f"{_or_unknown(self.unigram_bits_per_byte, '{:.4f}')}{estimated}"),
             ("tokens", f"{self.tokens:,}"),
             ("sequences", f"{self.sequences:,}"),
             ("noise draws per sequence (K)", str(self.mc_samples)),
@@ -167,7 +182,9 @@ def estimate(sequence_sums: SequenceSums, chunks: Iterable[Sequence[Mapping[str,
     totals = EvalTotals()
     seen: set[int] = set()
     number = 0
-    with torch.no_grad():
+    from prime_scale.model.vocab_parallel import reported_bound
+
+    with reported_bound("evaluation"):  # no autograd, every position's cost exact
         for chunk in chunks:
             raws = []
             for raw in chunk:
@@ -221,7 +238,8 @@ def evaluate_bound(logits_fn: LogitsFn, batches: Iterable[Mapping[str, torch.Ten
     match how the model was trained (model.carry_over)."""
     totals = estimate(objective_sums(logits_fn, vocab_size, ell, carry_over), ([b] for b in batches),
                       vocab_size=vocab_size, ell=ell, seed=seed, mc_samples=mc_samples, stats=stats)
-    return EvalResult.from_totals(totals, mc_samples=mc_samples, seed=seed, vocab_size=vocab_size, ell=ell,
+    return EvalResult.from_totals(totals, split_sequences=sum(stats.sequences) if stats is not None else None,
+                                  mc_samples=mc_samples, seed=seed, vocab_size=vocab_size, ell=ell,
                                   carry_over=carry_over)
 
 

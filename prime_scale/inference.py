@@ -214,9 +214,11 @@ def evaluate_checkpoint(ref: str | Path, *, weights: str = "auto", data: Optiona
         sums = objective_sums(loaded.logits, loaded.vocab_size, loaded.ell, cfg.model.carry_over)
         seed = cfg.seed if seed is None else seed
         mc_samples = mc_samples or cfg.eval.mc_samples
+        stats = SplitStats(loader.manifests, split, loader.weights)
         totals = estimate(lambda chunk: sums([b.to(loaded.device) for b in chunk]), ([b] for b in batches),
                           vocab_size=loaded.vocab_size, ell=loaded.ell, seed=seed, mc_samples=mc_samples,
-                          stats=SplitStats(loader.manifests, split, loader.weights))
-        result = EvalResult.from_totals(totals, mc_samples=mc_samples, seed=seed, vocab_size=loaded.vocab_size,
-                                        ell=loaded.ell, carry_over=cfg.model.carry_over)
+                          stats=stats)
+        result = EvalResult.from_totals(totals, split_sequences=sum(stats.sequences), mc_samples=mc_samples,
+                                        seed=seed, vocab_size=loaded.vocab_size, ell=loaded.ell,
+                                        carry_over=cfg.model.carry_over)
         return dataclasses.replace(result, weights=loaded.weights)

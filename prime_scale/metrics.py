@@ -6,6 +6,7 @@ step, loss (the recipe's objective, nats per token, mean since the previous reco
 (before clipping), tokens_per_s, step_time_s, tokens_seen, elapsed_s (wall seconds since this
 process's loop began, evaluations included); validation steps add val_nll_bound
 (sub-token ELBO, nats per token: an upper bound on the NLL), val_stderr, val_ppl, val_bits_per_byte,
+val_bits_per_byte_estimated (true: a part of the split, whose bits per byte figures are estimates),
 the unigram baseline val_unigram_nll and val_unigram_bits_per_byte, val_tokens, val_sequences,
 val_weights and val_time_s (a figure the data cannot give, such as bytes of pre-tokenized data, is null).
 """
@@ -84,8 +85,10 @@ class RunLog:
         try:
             self.file.write(json.dumps(record) + "\n")
         except OSError as e:  # a full disk: say which file, not a bare errno
+            full = fsio.out_of_space(e, self.run_dir)
+            cause = f"no space left on the device, {full}" if full else e.strerror
             raise UserError(f"{self.run_dir / METRICS_FILE}: cannot write the step {record.get('step')} record "
-                            f"({e.strerror}); free space, then continue with --resume auto") from None
+                            f"({cause}); free space, then continue with --resume auto") from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None},
                            step=record["step"])
@@ -118,10 +121,11 @@ def _num(value, fmt: str) -> str:
 
 def describe_validation(v: dict) -> str:
     """One line: the bound in nats per token (± s.e.), perplexity, bits per byte, the unigram baseline."""
+    per_byte = "bits/byte, estimated" if v.get("val_bits_per_byte_estimated") else "bits/byte"
     return (f"NLL bound {v['val_nll_bound']:.4f} ± {_num(v.get('val_stderr'), '{:.4f}')} nats/token, "
-            f"perplexity {_num(v.get('val_ppl'), '{:.2f}')}, {_num(v.get('val_bits_per_byte'), '{:.4f}')} bits/byte "
+            f"perplexity {_num(v.get('val_ppl'), '{:.2f}')}, {_num(v.get('val_bits_per_byte'), '{:.4f}')} {per_byte} "
             f"(unigram baseline {_num(v.get('val_unigram_nll'), '{:.4f}')} nats/token, "
-            f"{_num(v.get('val_unigram_bits_per_byte'), '{:.4f}')} bits/byte; {v['val_tokens']:,} tokens, "
+            f"{_num(v.get('val_unigram_bits_per_byte'), '{:.4f}')} {per_byte}; {v['val_tokens']:,} tokens, "
             f"{v['val_weights']} weights)")
 
 
@@ -141,7 +145,9 @@ def compare_with_baselines(v: dict, vocab_size: Optional[int], reference: Option
                      f"bound = {bound / ref:.3f} × this"))
     width = max(len(r[0]) for r in rows)
     lines = [f"  {name.ljust(width)}  {value:.4f} bits/byte  {note}".rstrip() for name, value, note in rows]
-    return "\n".join([f"bits per byte of the validation text ({v['val_tokens']:,} tokens):", *lines])
+    part = ("; estimated: a part of the split, each sequence credited its split's mean bytes"
+            if v.get("val_bits_per_byte_estimated") else "")
+    return "\n".join([f"bits per byte of the validation text ({v['val_tokens']:,} tokens{part}):", *lines])
 
 
 def zero_description(cfg: Config, dp: int) -> str:
@@ -181,7 +187,12 @@ def print_summary(state, run_log: RunLog, stop_reason: Optional[str] = None, voc
     if stop_reason:
         print("  a checkpoint of this step was saved (if checkpointing is on): continue with --resume auto",
               flush=True)
-    plot = plot_losses(run_log.cfg, run_log.run_dir)
+    try:
+        plot = plot_losses(run_log.cfg, run_log.run_dir)
+    except fsio.DiskFullError as e:  # the last write of a run: say that nothing before it was lost
+        raise fsio.DiskFullError(e.path, e.free, f"Nothing before it was lost: {METRICS_FILE} and every checkpoint "
+                                 f"were saved. Free space, then the same command with --resume auto writes "
+                                 f"{PLOT_FILE} (no finished step is trained again)") from None
     print(f"run directory: {run_log.run_dir} (recipe.yaml, {METRICS_FILE}"
           f"{', ' + plot.name if plot else ''}{', wandb/' if run_log.wandb is not None else ''})", flush=True)
 
@@ -210,6 +221,8 @@ def plot_losses(cfg: Config, run_dir: Path) -> Optional[Path]:
     ax.legend()
     fig.tight_layout()
     path = run_dir / PLOT_FILE
-    fsio.publish_file(path, fig.savefig)
-    plt.close(fig)
+    try:
+        fsio.publish_file(path, fig.savefig)
+    finally:
+        plt.close(fig)
     return path

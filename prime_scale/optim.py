@@ -38,6 +38,22 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+@torch.no_grad()
+def undo_priming_step(optimizer) -> None:
+    """Give back the AdamW step DeepSpeed's FP16_UnfusedOptimizer (bf16 without ZeRO) takes in its
+    constructor on zero gradients, so that training starts where a plain torch AdamW would: the
+    step decays the fp32 master weights once (decoupled weight decay at the full LR) and sets
+    Adam's step count to 1 (the first real step's bias correction is then 1 - β^2, not 1 - β).
+    Exact: the masters were made as float copies of the bf16 weights, which that step left alone,
+    and torch's AdamW creates its state lazily at its first step. Other optimizers: nothing to do."""
+    if type(optimizer).__name__ != "FP16_UnfusedOptimizer":
+        return
+    for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+        for master, weight in zip(masters, weights):
+            master.copy_(weight.float())
+    optimizer.optimizer.state.clear()
+
+
 
 class WeightEMA:
     """Exponential moving average of the weights this rank holds (its TP/PP slice, and under

@@ -29,7 +29,7 @@ import torch
 from prime_scale import evaluation, metrics
 from prime_scale.config import Config
 from prime_scale.errors import OK, PREEMPTED, UserError
-from prime_scale.model.vocab_parallel import take_exact_overflow
+from prime_scale.model.vocab_parallel import total_exact_overflow
 from prime_scale.noise import make_batch
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a scheduler's preemption notice, a user's request, Ctrl-C
@@ -256,9 +256,9 @@ class Trainer:
                           "tokens_seen": self.state.tokens_seen,
                           # wall seconds since this process's loop began (evaluations included)
                           "elapsed_s": time.monotonic() - self._started,
-                          # GPU training: extreme-logit positions beyond the loss's exact capacity (this
-                          # rank, since the last record; read here, where the host syncs anyway)
-                          "capped_positions": take_exact_overflow()}
+                          # GPU training: extreme-logit positions beyond the loss's exact capacity (every
+                          # rank's, since the last record; read here, where the host syncs anyway)
+                          "capped_positions": total_exact_overflow(self.par.tp_rank == 0, self.par.device)}
                 window_time, window_steps, window_loss, window_norms = 0.0, 0, [], []
             if self.val_loader is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or last):
                 with _rng_untouched():  # validating must not change the training that follows
@@ -346,11 +346,13 @@ class Trainer:
         totals = evaluation.estimate(self.engine.evaluate, chunks, vocab_size=self.vocab_size, ell=cfg.model.ell,
                                      seed=cfg.seed, mc_samples=cfg.eval.mc_samples, stats=self.val_stats,
                                      reduce=self._sum_over_data_parallel)
-        r = evaluation.EvalResult.from_totals(totals, mc_samples=cfg.eval.mc_samples, seed=cfg.seed,
+        r = evaluation.EvalResult.from_totals(totals, split_sequences=sum(self.val_stats.sequences),
+                                              mc_samples=cfg.eval.mc_samples, seed=cfg.seed,
                                               vocab_size=self.vocab_size, ell=cfg.model.ell,
                                               carry_over=cfg.model.carry_over)
         result = {"val_nll_bound": r.nll_per_token, "val_stderr": r.stderr, "val_ppl": r.ppl,
-                  "val_bits_per_byte": r.bits_per_byte, "val_unigram_nll": r.unigram_nll_per_token,
+                  "val_bits_per_byte": r.bits_per_byte, "val_bits_per_byte_estimated": r.bits_per_byte_estimated,
+                  "val_unigram_nll": r.unigram_nll_per_token,
                   "val_unigram_bits_per_byte": r.unigram_bits_per_byte, "val_tokens": r.tokens,
                   "val_sequences": r.sequences, "val_weights": "ema" if self.engine.ema is not None else "raw",
                   "val_time_s": time.perf_counter() - t0}

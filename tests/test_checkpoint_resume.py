@@ -168,3 +168,25 @@ def test_convert_refuses_malicious_checkpoint(resumed, tmp_path, capsys):
     assert cli.main(["convert", str(folder), "--out", str(tmp_path / "out"), "--weights", "raw"]) == 2
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_resume_past_the_requested_steps_says_so_and_trains_nothing(tiny_trained, tmp_path, capsys, monkeypatch):
+    """--resume auto train.steps=5 over a step-10 checkpoint: a warning naming both numbers, no step
+    trained, nothing rewritten but the resolved recipe, exit 0 (docs/cli.md, --resume)."""
+    from harness.tiny_run import TINY
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_trained[0], run)
+    before = (run / "metrics.jsonl").read_text()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    code = cli.main(["train", "tiny-cpu", *TINY, "train.steps=5", f"run.dir={run}", "--resume", "auto",
+                     "--samples", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("warning: --resume: the checkpoint step_10 is at step 10, past the requested train.steps=5: "
+            "nothing is trained") in out, out
+    assert "step 6/" not in out and "done: 10 steps" in out
+    assert (run / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ckpts

@@ -162,3 +162,51 @@ def test_a_float32_overflow_of_the_norm_is_counted_again_in_float64():
         assert all(float(p.grad.abs().max()) <= cfg.optim.clip for p in params)  # clipped, not dropped
     finally:
         pstate.destroy()
+
+
+def test_bf16_zero0_starts_from_the_initial_weights_and_a_fresh_adam():
+    """bf16 without ZeRO runs DeepSpeed's FP16_UnfusedOptimizer, whose constructor takes one AdamW
+    step on zero gradients (Adam's step count 1, weight decay applied once to the fp32 masters). The
+    engine undoes it: the masters are the initial weights bitwise, Adam's state is empty, and the
+    first real step is one plain torch AdamW step from them on the step's gradients."""
+    from prime_scale.config import load_recipe
+    from prime_scale.engine import Engine
+    from prime_scale.optim import lr_factor
+    from prime_scale.parallel import state as pstate
+
+    # no clipping (the clip factor is then exactly 1), one micro-batch: the gradient is one backward's
+    cfg = load_recipe("tiny-cpu", TINY + ["parallel.zero_stage=0", "precision=bf16", "train.micro_batch=8",
+                                          "optim.clip=0", "optim.warmup_steps=0"])
+    st = pstate.init(cfg, environ={}, timeout_s=120)
+    try:
+        engine = Engine(cfg, st, V)
+        wrapper = engine.ds.optimizer
+        assert type(wrapper).__name__ == "FP16_UnfusedOptimizer"
+        model_params = [p for group in wrapper.fp16_groups for p in group]
+        masters = [p for group in wrapper.fp32_groups for p in group]
+        assert all(p.dtype == torch.bfloat16 for p in model_params)
+        for m, p in zip(masters, model_params):
+            assert torch.equal(m, p.float())  # the initial weights: no decay applied before training
+        assert not wrapper.optimizer.state  # no Adam step taken
+
+        # the reference: torch AdamW over copies of the initial masters, fed the engine's own gradients
+        copies = [m.detach().clone().requires_grad_(True) for m in masters]
+        by_id = dict(zip(map(id, masters), copies))
+        groups = [dict(g, params=[by_id[id(m)] for m in g["params"]]) for g in wrapper.optimizer.param_groups]
+        reference = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
+                                      lr=cfg.optim.lr * lr_factor(cfg, 0), betas=tuple(cfg.optim.betas),
+                                      eps=cfg.optim.eps)
+        grads = {}
+        for p in model_params:
+            p.register_post_accumulate_grad_hook(lambda q: grads.__setitem__(id(q), q.grad.detach().clone()))
+        engine.train_step(_batches(cfg, 0, engine.gas))
+        assert len(grads) == len(model_params)
+        for c, p in zip(copies, model_params):
+            c.grad = grads[id(p)].float()
+        reference.step()
+        for m, c, p in zip(masters, copies, model_params):
+            assert torch.equal(m, c.detach())
+            assert torch.equal(p, c.detach().to(torch.bfloat16))
+        assert [int(s["step"]) for s in wrapper.optimizer.state.values()] == [1] * len(masters)
+    finally:
+        pstate.destroy()

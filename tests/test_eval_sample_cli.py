@@ -32,6 +32,10 @@ def test_eval_sharded_equals_consolidated_and_reports_the_bound(trained, tmp_pat
     assert a["ppl"] == pytest.approx(math.exp(a["nll_per_token"]))
     assert a["bound"] == "subtoken_elbo" and a["stderr"] > 0
     assert "train_objective_joint" in a and "perplexity" in table.lower()
+    # 2 batches of the split: its bits per byte credit each sequence the split's mean bytes, labelled
+    assert a["bits_per_byte_estimated"] is True and "mean bytes" in a["bits_per_byte_note"]
+    (line,) = [r for r in table.splitlines() if "bound in bits per byte" in r]
+    assert f"{a['bits_per_byte']:.4f} (estimate: a part of the split" in line
     _, again = _eval(consolidated, tmp_path / "c.json")
     assert again["nll_per_token"] == a["nll_per_token"]  # deterministic for a seed
     _, other_seed = _eval(consolidated, tmp_path / "d.json", "--seed", "5")
@@ -54,6 +58,8 @@ def test_eval_with_its_defaults_covers_the_whole_split_in_every_unit(trained, tm
     assert d["unigram_bits_per_byte"] == pytest.approx(
         d["unigram_nll_per_token"] * d["tokens"] / (math.log(2) * val["bytes"]), rel=1e-9)
     assert d["weights"] == "ema" and d["stderr"] > 0
+    assert d["bits_per_byte_estimated"] is False and "bits_per_byte_note" not in d  # the text's own bytes
+    assert "estimate" not in proc.stdout
     for label in ("bits per byte", "unigram baseline", "perplexity bound"):
         assert label in proc.stdout
 
@@ -96,3 +102,27 @@ def test_the_model_split_at_its_head_is_the_whole_model(trained):
                 for model in (loaded, loaded.logits)]
     assert torch.equal(runs[0].tokens, runs[1].tokens) and runs[0].nfe == runs[1].nfe
     assert torch.equal(runs[0].seq_nfe, runs[1].seq_nfe)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--max-batches", "-1"], "--max-batches"), (["eval", "--max-batches", "0"], "--max-batches"),
+    (["eval", "--batch-size", "0"], "--batch-size"), (["eval", "--mc-samples", "-2"], "--mc-samples"),
+    (["eval", "--seed", "-1"], "--seed"), (["eval", "--seed", str(2**40)], "--seed"),
+    (["sample", "--steps", "0"], "--steps"), (["sample", "--num", "-1"], "--num"),
+    (["sample", "--length", "0"], "--length"), (["sample", "--length", "-3"], "--length"),
+    (["sample", "--top-p", "0"], "--top-p"), (["sample", "--top-p", "1.5"], "--top-p"),
+    (["sample", "--top-p", "nan"], "--top-p"), (["sample", "--temperature", "0"], "--temperature"),
+    (["sample", "--temperature", "nan"], "--temperature"), (["sample", "--temperature", "inf"], "--temperature"),
+    (["sample", "--seed", "-5"], "--seed")])
+def test_every_absurd_number_option_of_eval_and_sample_is_a_named_error(trained, capsys, argv, flag):
+    """Each numeric option of eval and sample out of its range: exit 2 and one line naming the flag
+    and its range, before the checkpoint is loaded (no traceback, no ValueError from a library)."""
+    from prime_scale import cli
+
+    _, consolidated = trained
+    command, *options = argv
+    code = cli.main([command, str(consolidated), *options])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"prime-scale {command}: error: {flag} must be") and "Traceback" not in err, err
+    assert options[1] in err  # the value given

@@ -241,7 +241,8 @@ def test_vocab_parallel_loss_on_cuda_equals_the_dense_loss(V, ell, objective):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            nll, mean = vp.prime_loss_parallel(lg, x0c, ytc, tc, attnc, V, ell, vocab_start=0, objective=objective)
+            nll, mean = vp.prime_loss_parallel(lg, x0c, ytc, tc, attnc, V, ell, vocab_start=0, objective=objective,
+                                               backward=True)
             mean.backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -257,3 +257,50 @@ def test_positions_beyond_the_capacity_are_counted_and_the_rest_stay_exact():
     torch.testing.assert_close(nll.view(-1)[:3], ref_nll.view(-1)[:3], rtol=1e-4, atol=0.0)
     torch.testing.assert_close(lg.grad.view(B * L, V)[:3], ref_grad.view(B * L, V)[:3], rtol=0.0, atol=1e-6)
     assert bool((nll.view(-1)[3:] < ref_nll.view(-1)[3:] - 50).all())
+
+
+def _all_flagged_case():
+    """10 positions, each with a masked digit whose target group sits 200 below the rest (mass ≪ e^-87)."""
+    V, ell, B, L = 50, 2, 2, 5
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, L, V, generator=g)
+    x0 = torch.randint(0, V, (B, L), generator=g)
+    y0 = prime.subtokenize(x0, V, ell).view(B, L, ell)
+    logits = logits.masked_fill(prime.digit_table(V, ell)[:, 0] == y0[..., :1], -200.0)
+    yt = prime.apply_mask(x0, torch.ones(B, L * ell, dtype=torch.bool), V, ell)
+    return V, ell, logits, x0, yt, torch.ones(B)
+
+
+def test_under_the_accelerators_rule_only_a_backward_call_is_capped(monkeypatch):
+    """The cap follows the caller's `backward`, not grad mode: a call without it is exact on an
+    accelerator whatever grad mode says, one with it is capped even under no_grad."""
+    V, ell, logits, x0, yt, t = _all_flagged_case()
+    ref_nll = vpt._dense64(logits, x0, yt, t, None, V, ell, "prime_elbo", True)[0]
+    monkeypatch.setattr(vp, "FORCE_ACCELERATOR_RULE", True)
+    monkeypatch.setattr(vp, "EXACT_MIN_ROWS", 3)  # capacity 3 of the 10 flagged positions
+    vp.take_exact_overflow()
+    exact, _ = vp.prime_loss_parallel(logits.clone().requires_grad_(True), x0, yt, t, None, V, ell, vocab_start=0)
+    assert vp.take_exact_overflow() == 0
+    torch.testing.assert_close(exact, ref_nll, rtol=1e-4, atol=0.0)
+    with torch.no_grad():
+        capped, _ = vp.prime_loss_parallel(logits, x0, yt, t, None, V, ell, vocab_start=0, backward=True)
+    assert vp.take_exact_overflow() == 7
+    assert bool((capped.view(-1)[3:] < ref_nll.view(-1)[3:] - 50).all())
+
+
+def test_a_capped_position_inside_a_reported_bound_is_an_internal_error():
+    V, ell, logits, x0, yt, t = _all_flagged_case()
+    vp.take_exact_overflow()
+    with pytest.raises(RuntimeError, match="7 positions of a reported bound took the loss's capped path"):
+        with vp.reported_bound("evaluation"):
+            assert not torch.is_grad_enabled()
+            vp.prime_loss_parallel(logits, x0, yt, t, None, V, ell, vocab_start=0, exact_capacity=3)
+    assert vp.take_exact_overflow() == 0  # the scope's count is its own: the training's is untouched
+    with vp.reported_bound("evaluation"):
+        vp.prime_loss_parallel(logits, x0, yt, t, None, V, ell, vocab_start=0)
+
+
+def test_the_capacity_is_a_share_of_the_calls_positions():
+    # prime-7b's micro-batch (2 × 2048 positions) and owt-base's (64 × 1024)
+    assert vp.exact_capacity_for(2 * 2048) == 16 and vp.exact_capacity_for(64 * 1024) == 256
+    assert vp.exact_capacity_for(10) == vp.EXACT_MIN_ROWS

@@ -205,6 +205,39 @@ def test_batch_size_order_and_checkpoint_form_change_nothing(tiny_trained, caplo
     assert [x for x, _ in other] != [x for x, _ in one[0]]
 
 
+def test_scores_stay_bounds_with_more_extreme_positions_than_the_gpus_capacity(tiny_trained, monkeypatch):
+    """On a GPU a training call of the loss keeps a fixed number of exactly recomputed positions; the
+    backend's scores must not: with the accelerator's rule forced on the CPU and > 1024 extreme
+    positions in one forward pass, every score is minus the exact conditional bound."""
+    from prime_scale.conditional import _concat, _draws, conditional_bounds
+    from prime_scale.lm_eval_model import PrimeScaleLM
+    from prime_scale.model import vocab_parallel as vp
+
+    _, export = tiny_trained
+    draws = 8
+    lm = PrimeScaleLM(path=str(export), mc_samples=draws, seed=SEED, batch_size=10)
+    try:
+        loaded = lm.loaded
+        with torch.no_grad():  # logits ~1e3 apart: most masked digits' mass far below e^-87
+            loaded.model.head.out.weight.mul_(300.0)
+        ids = torch.randint(4, loaded.vocab_size, (10, 36), generator=torch.Generator().manual_seed(0)).tolist()
+        pairs = [(row[:8], row[8:]) for row in ids]  # one length: the 10 × 8 draws share one forward pass
+        exact = conditional_bounds(loaded.logits, pairs, vocab_size=loaded.vocab_size, ell=loaded.ell, seed=SEED,
+                                   mc_samples=draws, carry_over=lm.carry_over, batch_size=10)
+        monkeypatch.setattr(vp, "FORCE_ACCELERATOR_RULE", True)
+        scores = lm._loglikelihood_tokens([(("", ""), c, x) for c, x in pairs], disable_tqdm=True)
+        assert [score for score, _ in scores] == [-b.nll for b in exact]
+        # the pass holds more extreme positions than any capacity: the training rule leaves some out
+        batch = _concat([b for p in pairs for b in _draws(p, loaded.vocab_size, loaded.ell, SEED, draws)])
+        vp.take_exact_overflow()
+        vp.prime_loss_parallel(loaded.logits(batch.yt), batch.x0, batch.yt, batch.t, batch.mask, loaded.vocab_size,
+                               loaded.ell, vocab_start=0, backward=True)
+        capacity = vp.exact_capacity_for(batch.x0.numel())
+        assert vp.take_exact_overflow() + capacity > 1024
+    finally:
+        lm.close()
+
+
 def test_is_greedy_is_the_greedy_fill(tiny_trained):
     from prime_scale.lm_eval_model import PrimeScaleLM
     from prime_scale.sampling import greedy_decode

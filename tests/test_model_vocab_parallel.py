@@ -141,8 +141,27 @@ def tp2_worker(cases: list):
     group = dist.new_group(list(range(dist.get_world_size())))
     digit_table.GRID_MIN_BASE = 2  # the digit grid on these small V too: a shard's ragged ends and its grid
     out = {f"{V}/{ell}": _tp2_case(V, ell, group) for V, ell in cases}
+    out["capped_positions"] = _capped_positions_over_ranks(dist.get_rank())
     dist.destroy_process_group()
     return out
+
+
+def _capped_positions_over_ranks(rank: int) -> list:
+    """What the training log's capped_positions reads on this rank: rank r caps 7 − r of its 10
+    extreme positions (its own loss call, capacity 3 + r); summed over the ranks, then with only
+    rank 0 counting (the TP peers of one replica flag the same positions)."""
+    V, ell, B, L = 50, 2, 2, 5
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, L, V, generator=g)
+    x0 = torch.randint(0, V, (B, L), generator=g)
+    y0 = prime.subtokenize(x0, V, ell).view(B, L, ell)
+    logits = logits.masked_fill(prime.digit_table(V, ell)[:, 0] == y0[..., :1], -200.0)
+    yt = prime.apply_mask(x0, torch.ones(B, L * ell, dtype=torch.bool), V, ell)
+    totals = []
+    for counts_here in (True, rank == 0):
+        vp.prime_loss_parallel(logits, x0, yt, torch.ones(B), None, V, ell, vocab_start=0, exact_capacity=3 + rank)
+        totals.append(vp.total_exact_overflow(counts_here, torch.device("cpu")))
+    return totals
 
 
 def _tp2_case(V: int, ell: int, group):
@@ -177,6 +196,8 @@ def _tp2_case(V: int, ell: int, group):
 def test_tp2_shards_match_dense():
     cases = [(99, 2), (37, 1), (64, 3)]  # odd V: the second shard holds a padding class
     results = launch(2, "test_model_vocab_parallel:tp2_worker", {"cases": cases}, timeout=240)
+    # the training log's capped_positions: every rank's count (7 + 6), or TP rank 0's alone (7)
+    assert [r.pop("capped_positions") for r in results] == [[13, 7], [13, 7]]
     for rank, per_case in enumerate(results):
         for case, res in per_case.items():
             _check_tp2_case(rank, case, res)

@@ -6,6 +6,8 @@ clipping and EMA on) trains 4 steps on fixed global batches:
                  as 0, config.resolve_zero_stage)
   two processes: TP2 and PP2 (ZeRO 1; DP 1, so run as 0), DP2 under ZeRO 1, 2, 3 (real partitions),
                  and PP2 in bf16
+  four processes: TP2 × DP2 under ZeRO 1 (a real fp32 partition of TP-sharded parameters: one
+                 process and DP 1 run ZeRO 1 as 0, so nothing else covers it)
 fp32 layouts must match their reference within 1e-5 (losses, validation sums) and start from the
 same weights (gathered over TP and pipeline stages); bf16 must stay close. The two-process job
 also checks that a DeepSpeed topology disagreeing with megatron's groups is refused.
@@ -66,6 +68,7 @@ def run_layouts(layouts: list):
         cfg = load_recipe("tiny-cpu", BASE + overrides)
         st = pstate.init(cfg, environ=port(k), timeout_s=120)
         engine = Engine(cfg, st, V)
+        reductions = _count_gradient_reductions(engine)
         weights = _fingerprints(engine, st) if cfg.parallel.zero_stage < 3 else None
         G, mb = cfg.train.global_batch, cfg.train.micro_batch
         losses, norms = [], []
@@ -90,10 +93,24 @@ def run_layouts(layouts: list):
         if layouts[k] == ["parallel.pp=2"]:
             extra["refused"] = _wrong_topology_is_refused(st)
         records.append({"layout": overrides, "losses": losses, "norms": norms, "val": val, "weights": weights,
-                        "dp": st.dp, "gas": engine.gas, "vetoed": vetoed, **extra})
+                        "dp": st.dp, "tp": st.tp, "gas": engine.gas, "vetoed": vetoed, "reductions": reductions[0],
+                        "zero_run": engine.ds.zero_optimization_stage(),
+                        "optimizer": type(engine.ds.optimizer).__name__, **extra})
         dist.barrier()
         pstate.destroy()
     return records
+
+
+def _count_gradient_reductions(engine):
+    """[calls of DeepSpeed's DP gradient all-reduce], counted as the engine makes them."""
+    calls, reduce = [0], engine.ds.allreduce_gradients
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return reduce(*args, **kwargs)
+
+    engine.ds.allreduce_gradients = counted
+    return calls
 
 
 def _vetoed_step(engine, batches):
@@ -182,6 +199,12 @@ def runs():
     return {tuple(r["layout"]): r for r in ref}, {tuple(r["layout"]): r for r in two}
 
 
+@pytest.fixture(scope="module")
+def four_ranks():
+    layouts = [["parallel.tp=2", "parallel.zero_stage=1"]]
+    return launch(4, "test_parallel_layouts:run_layouts", {"layouts": layouts}, timeout=300)[0][0]
+
+
 def _same_training(a, b, tol=1e-5):
     for step, (x, y) in enumerate(zip(a["losses"], b["losses"])):
         assert abs(x - y) < tol, f"step {step}: loss {x} vs {y} ({a['layout']} vs {b['layout']})"
@@ -222,6 +245,9 @@ def test_tp2_and_pp2_match_one_process(runs, layout):
     ref, two = runs
     r, base = two[layout], ref[("parallel.zero_stage=1",)]
     assert r["dp"] == 1 and r["gas"] == 4
+    # one data-parallel rank (fp32: ZeRO 0) has nothing to average: DeepSpeed's one-rank
+    # "all-reduce" (a flat copy of every gradient and back) is skipped in both engines
+    assert r["zero_run"] == 0 and r["reductions"] == 0, r["reductions"]
     _same_weights(base["weights"], r["weights"])
     _same_training(base, r)
 
@@ -232,9 +258,22 @@ def test_dp2_matches_dp1_under_each_zero_stage(runs, stage):
     key = (f"parallel.zero_stage={stage}",)
     r = two[key]
     assert r["dp"] == 2 and r["gas"] == 2  # same global batch: half the accumulation steps
+    assert r["reductions"] > 0  # the counter sees the reductions that must run
     if stage < 3:
         _same_weights(ref[key]["weights"], r["weights"])
     _same_training(ref[key], r)
+
+
+def test_tp2_dp2_zero1_partitions_and_matches_one_process(runs, four_ranks):
+    ref, _ = runs
+    r, base = four_ranks, ref[("parallel.zero_stage=1",)]
+    assert (r["tp"], r["dp"], r["gas"]) == (2, 2, 2)
+    # a real ZeRO-1 partition of the fp32 optimizer state over the two DP ranks, not stage 0
+    assert r["zero_run"] == 1 and r["optimizer"] == "DeepSpeedZeroOptimizer", r
+    _same_weights(base["weights"], r["weights"])
+    _same_training(base, r)
+    v = r["vetoed"]
+    assert all(list(f) == [True, True, True, True] for f in v["flags"]) and v["loss"] == v["again"], v
 
 
 def test_pp2_bf16_stays_close_to_fp32(runs):

@@ -53,6 +53,12 @@ def test_one_process_run_trains_validates_and_reports(tmp_path):
     manifest = json.loads((Path(os.environ["PRIME_SCALE_DEMO_DIR"]) / "L128" / "manifest.json").read_text())
     # eval.batches at step 20; the recipe's eval.final_batches = 0 at the last step: the whole split
     assert val[0]["val_tokens"] == 8 * 128 and val[-1]["val_tokens"] == manifest["splits"]["val"]["sequences"] * 128
+    # bits per byte: an estimate over eval.batches (labelled in the record and on the console), the
+    # text's own bytes over the whole split
+    assert val[0]["val_bits_per_byte_estimated"] is True and val[-1]["val_bits_per_byte_estimated"] is False
+    assert (f"validation @ step 20: NLL bound {val[0]['val_nll_bound']:.4f}" in out
+            and f"{val[0]['val_bits_per_byte']:.4f} bits/byte, estimated" in out)
+    assert f"{val[-1]['val_bits_per_byte']:.4f} bits/byte, estimated" not in out
     # the end: the bound beside its own tokenizer's unigram baseline and the demo's reference one
     last, ref = val[-1], manifest["source"]["reference_unigram"]
     assert f"valid bound (sub-token ELBO)" in out and f"{last['val_bits_per_byte']:.4f} bits/byte" in out

@@ -51,3 +51,14 @@ def json_stdout(enabled: bool) -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def check_number_options(args: argparse.Namespace, ranges: dict) -> None:
+    """Refuse an out-of-range number option before anything is loaded: {"--flag": Span} (the recipe
+    validator's ranges, so nan and ±inf are never in range); an option left at None is not checked."""
+    from prime_scale.errors import UserError
+
+    for flag, span in ranges.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value not in span:
+            raise UserError(f"{flag} must be {span}, got {value}" + (f" ({span.note})" if span.note else ""))

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from prime_scale.cli.common import add_weights_argument, json_stdout
-from prime_scale.errors import UserError
+from prime_scale.cli.common import add_weights_argument, check_number_options, json_stdout
+from prime_scale.config.validation import ONE_UP, SEED_LIMIT, Span
+
+SEED = Span(0, SEED_LIMIT, integer=True)  # the recipe's seed range: a run's validation uses its seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +33,9 @@ def main(args: argparse.Namespace) -> int:
     from prime_scale import fsio
     from prime_scale.inference import evaluate_checkpoint
 
-    if args.batch_size < 1 or (args.mc_samples is not None and args.mc_samples < 1):
-        raise UserError("--batch-size and --mc-samples must be at least 1")
+    check_number_options(args, {"--batch-size": ONE_UP, "--mc-samples": ONE_UP, "--seed": SEED,
+                                "--max-batches": Span(1, integer=True, note="leave it out to evaluate the "
+                                                                             "whole split")})
     with json_stdout(args.json_out == "-"):
         _ensure_demo_data(args)
         result = evaluate_checkpoint(args.checkpoint, weights=args.weights, data=args.data, split=args.split,

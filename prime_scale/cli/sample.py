@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from prime_scale.cli.common import add_weights_argument, json_stdout
+from prime_scale.cli.common import add_weights_argument, check_number_options, json_stdout
+from prime_scale.config.validation import ONE_UP, POSITIVE, SEED_LIMIT, Span
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from prime_scale.inference import generate, load_model
 
+    # --length's upper bound is the checkpoint's model.seq_len: checked once it is loaded
+    check_number_options(args, {"--steps": ONE_UP, "--num": ONE_UP, "--length": ONE_UP, "--temperature": POSITIVE,
+                                "--top-p": Span(0.0, 1.0, lo_open=True, hi_open=False),
+                                "--seed": Span(0, SEED_LIMIT, integer=True)})
     with json_stdout(args.json_out):
         with load_model(args.checkpoint, args.weights) as loaded:
             texts, r = generate(loaded, steps=args.steps, num=args.num, length=args.length, top_p=args.top_p,

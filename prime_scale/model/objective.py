@@ -26,13 +26,15 @@ class PrimeObjective:
     def with_objective(self, objective: str) -> "PrimeObjective":
         return PrimeObjective(self.vocab_size, self.ell, objective, self.carry_over, self.tp_rank, self.tp_group)
 
-    def nll(self, logits_shard, x0, yt, t, attention_mask=None):
-        """(nll [B, L] per token, mean over attended tokens)."""
+    def nll(self, logits_shard, x0, yt, t, attention_mask=None, backward: bool = False):
+        """(nll [B, L] per token, mean over attended tokens). backward=True only for a loss that is
+        backpropagated (training): on an accelerator it may cap extreme positions' cost, which no
+        reported bound may (model/vocab_parallel.py)."""
         local = logits_shard.shape[-1]
         return vocab_parallel.prime_loss_parallel(
             logits_shard, x0, yt, t, attention_mask, self.vocab_size, self.ell,
             vocab_start=self.tp_rank * local, group=self.tp_group, objective=self.objective,
-            carry_over=self.carry_over)
+            carry_over=self.carry_over, backward=backward)
 
     def sequence_sums(self, logits_shard, x0, yt, t, mask):
         """[B, 2] float64: per row, Σ of the sub-token ELBO (the bound) and Σ of the joint objective
@@ -44,5 +46,6 @@ class PrimeObjective:
         return torch.stack(sums, dim=-1)
 
     def __call__(self, logits_shard, labels):
+        """The training loss (the mean), which the engine backpropagates."""
         x0, yt, t, mask = labels
-        return self.nll(logits_shard, x0, yt, t, mask)[1]
+        return self.nll(logits_shard, x0, yt, t, mask, backward=True)[1]

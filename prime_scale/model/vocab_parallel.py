@@ -28,12 +28,15 @@ form. Ordinary logits never take this path: the fast path's cost and collectives
 
 Host synchronisation. On an accelerator the training loss reads nothing back to the host: the check
 for inconsistent input is a device-side assertion (the batch's ids were checked on the CPU before
-it was copied, noise.make_batch), and with gradients on, the exact rows are taken as a fixed number
-(EXACT_CAPACITY, or every position when there are fewer) chosen on the device, so the collectives
-have a shape the host knows without counting. Positions beyond that capacity (more than
-EXACT_CAPACITY in one call) keep the fast path's floored mass: their digit cost is capped near
-87 + log Z nats; they are counted on the device (take_exact_overflow). On the CPU a host read costs
-nothing: the rows are counted exactly, and evaluation (no gradient) counts them on any device.
+it was copied, noise.make_batch), and a call whose caller will run a backward (`backward=True`: the
+training step) takes the exact rows as a fixed number chosen on the device (exact_capacity_for:
+1/256 of the call's positions, at least 16), so the collectives have a shape the host knows without
+counting. Positions beyond that capacity keep the fast path's floored mass: their digit cost is
+capped near 87 + log Z nats; they are counted on the device (take_exact_overflow,
+total_exact_overflow). Every other call counts its rows exactly, on any device: a reported bound
+never takes the capped path, and `reported_bound` turns a capped position inside its scope into an
+internal error. On the CPU a host read costs nothing: the rows are always counted there (tests
+emulate the accelerator's rule with FORCE_ACCELERATOR_RULE).
 
 Definitions follow prime_scale.prime exactly (docs/method.md); tests compare against it on the
 gathered tensors. All arithmetic is fp32 whatever the logits' dtype.
@@ -41,6 +44,7 @@ gathered tensors. All arithmetic is fp32 whatever the logits' dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -62,18 +66,76 @@ EXP_FLOOR = -87.0
 # any V < 1e8, and only a digit costing over 46 nats falls under it, so the exact path stays rare
 EXACT_BELOW = 1e-20
 # positions the exact path takes per loss call where their count is not read back to the host
-# (training on an accelerator): 1024 rows cost ≲1% of the fast path at 64 × 1024 positions
-EXACT_CAPACITY = 1024
+# (training on an accelerator): a share of the call's positions, so the cost's share is the same at
+# every micro-batch. An exact row costs ≈ 4–6.5 fast-path positions (forward + backward, ℓ = 4, V/4
+# classes, on the CPU), so 1/256 of the rows add ≈ 2–2.5% to the loss (a fixed 1024 rows, 25% of
+# prime-7b's 2 × 2048 positions, multiplied its loss time by 2.1–2.6)
+EXACT_SHARE = 256
+EXACT_MIN_ROWS = 16
 _OVERFLOW: dict = {}  # device -> positions beyond the capacity, accumulated on that device
+_SCOPES: list = []  # the counts of the open reported_bound scopes, innermost last
+# the accelerator's rule (no host reads in the loss) on the CPU too: tests set it to see the GPU's paths
+FORCE_ACCELERATOR_RULE = False
+
+
+def _host_read_costs(device: torch.device) -> bool:
+    """Whether reading a device value back to the host stalls the loss (an accelerator's queue)."""
+    return device.type != "cpu" or FORCE_ACCELERATOR_RULE
+
+
+def exact_capacity_for(positions: int) -> int:
+    """The exact rows a training call on an accelerator takes (B·L = `positions`)."""
+    return max(EXACT_MIN_ROWS, -(-positions // EXACT_SHARE))
+
+
+def _count_overflow(device: str, overflow) -> None:
+    counts = _SCOPES[-1] if _SCOPES else _OVERFLOW
+    counts[device] = counts.get(device, 0) + overflow
+
+
+def _read(counts: dict) -> int:
+    return sum(int(v) for v in counts.values() if not getattr(v, "is_meta", False))  # meta: shapes only
 
 
 def take_exact_overflow() -> int:
     """Positions since the last call whose exact mass the fixed capacity left out (their cost was
     capped, see the module docstring); resets the count. Reads the device: call it where the host
     synchronises anyway (the step's logging)."""
-    total = sum(int(v) for v in _OVERFLOW.values() if not getattr(v, "is_meta", False))  # meta: shapes only
+    total = _read(_OVERFLOW)
     _OVERFLOW.clear()
     return total
+
+
+def total_exact_overflow(counts_here: bool, device) -> int:
+    """take_exact_overflow summed over every rank of the job: a collective, which every rank calls
+    at the same point. counts_here=False for a rank whose positions another rank counts already
+    (tensor-parallel peers flag the same positions: only TP rank 0 counts); ranks that run no loss
+    (the first pipeline stages) add their 0."""
+    local = take_exact_overflow()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local if counts_here else 0
+    total = torch.tensor([local if counts_here else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+@contextlib.contextmanager
+def reported_bound(what: str):
+    """The scope of a figure reported as a bound (evaluation, validation, the lm-eval scores):
+    autograd off, and every position's digit mass exact. Those calls never take the capped path
+    (backward=False); a capped position inside the scope is an internal error, never a low score."""
+    counts: dict = {}
+    _SCOPES.append(counts)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        _SCOPES.remove(counts)
+    overflow = _read(counts)
+    if overflow:
+        raise RuntimeError(f"{what}: {overflow} positions of a reported bound took the loss's capped "
+                           "path (their cost is too low, so the figure is no bound); this is a bug: "
+                           "bound computations must call the loss with backward=False")
 
 
 def _restricted_logits(logits, yt, vocab_size: int, ell: int, vocab_start: int, carry_over: bool):
@@ -113,7 +175,7 @@ def _shift_by_max(z, group, vocab_size):
     bad = (zmax < EXCLUDED / 2).any()
     message = ("vocab-parallel Prime loss: a position's visible digits match no valid token "
                f"(a code >= V={vocab_size}); yt is not a noised valid sequence")
-    if zmax.device.type == "cpu":
+    if not _host_read_costs(zmax.device):
         if bool(bad):
             raise ValueError(message)
     else:
@@ -210,8 +272,7 @@ def _elbo_forward(logits, z, zmax, x0, yt, masked, key, carry_over: bool, group,
         rows, live, take0 = flag.nonzero().squeeze(-1), None, None
     else:
         rows, live, take0, overflow = _static_rows(flag, capacity)
-        device = str(flag.device)
-        _OVERFLOW[device] = _OVERFLOW.get(device, 0) + overflow
+        _count_overflow(str(flag.device), overflow)
     if rows.numel():
         x_rows, target_rows, shift, log_sum = _exact_rows(logits, rows, x0, yt, key, carry_over, group)
         zmax_rows = zmax.reshape(-1).index_select(0, rows)
@@ -316,14 +377,15 @@ class _PrimeNLL(torch.autograd.Function):
 
 def prime_loss_parallel(logits_shard, x0, yt, t, attention_mask, vocab_size: int, ell: int, *,
                         vocab_start: int, group=None, objective: str = "prime_elbo", carry_over: bool = True,
-                        exact_capacity: Optional[int] = None):
+                        backward: bool = False, exact_capacity: Optional[int] = None):
     """(nll [B, L], mean) of the chosen objective from this rank's logits shard. Every rank of the
     tensor-parallel `group` gets the same values; gradients flow to the local shard only.
-    exact_capacity: the exact rows' fixed count (no host read); None chooses EXACT_CAPACITY when
-    training on an accelerator, and an exact count otherwise (module docstring)."""
+    backward: the caller will run a backward of this loss (the training step). On an accelerator only
+    such a call takes a fixed capacity of exact rows (module docstring); every other call is exact.
+    exact_capacity: that fixed count, given explicitly (any device)."""
     capacity = exact_capacity
-    if capacity is None and logits_shard.device.type != "cpu" and torch.is_grad_enabled():
-        capacity = EXACT_CAPACITY  # decided here: inside the Function's forward grad mode is off
+    if capacity is None and backward and _host_read_costs(logits_shard.device):
+        capacity = exact_capacity_for(logits_shard.shape[0] * logits_shard.shape[1])
     nll = _PrimeNLL.apply(logits_shard, x0, yt, t, vocab_size, ell, vocab_start, objective, carry_over, group,
                           capacity)
     return prime.attended_mean(nll, attention_mask)
