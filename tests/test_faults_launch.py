@@ -278,3 +278,33 @@ def test_a_refusal_on_one_rank_is_the_named_error_not_its_peers_traceback(tmp_pa
     assert resumed.returncode == 2, (resumed.returncode, resumed.stderr[-3000:])
     assert name in resumed.stderr and "prime-scale train: error:" in resumed.stderr
     assert "failed (exit codes" not in resumed.stderr and not pwned.exists()
+
+
+def test_the_deepspeed_runners_workers_die_with_it(tmp_path):
+    """kill -9 of the top `deepspeed` runner (one node): its per-node launcher asks for no
+    parent-death signal and used to live on with its workers, training unsupervised. The workers
+    see their launcher re-parented, die, and the launcher follows them."""
+    run = tmp_path / "run"
+    log = open(tmp_path / "deepspeed.log", "w")
+    runner = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--module", "prime_scale.cli.train", *TINY,
+                               f"run.dir={run}", "--samples", "0", "train.steps=5000", "checkpoint.every=0"],
+                              env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    runner.log = Path(log.name)
+    launchers, workers = [], []
+    try:
+        _wait_for(lambda: len(_records(run)) >= 1, runner)
+        launchers = _children(runner.pid)
+        workers = [w for pid in launchers for w in _children(pid)]
+        assert len(launchers) == 1 and len(workers) == 2, (launchers, workers)
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        _assert_all_die(workers, "the deepspeed runner's workers outlived it")
+        _assert_all_die(launchers, "its per-node launcher outlived its workers", within_s=15.0)
+        steps = len(_records(run))
+        time.sleep(1)
+        assert len(_records(run)) == steps
+    finally:
+        runner.kill()
+        for pid in launchers + workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -273,6 +273,12 @@ def die_with_launcher(environ=None) -> None:
         threading.Thread(target=_watch_parent, args=(launcher,), name="die-with-launcher", daemon=True).start()
     if os.getppid() != launcher:  # the launcher died before the kernel was told
         os.kill(os.getpid(), signal.SIGKILL)
+    runner = _parent_of(launcher)
+    if not raw and runner is not None and _is_deepspeed_runner(runner):
+        # the per-node launcher asks for no parent-death signal: kill -9 of the top `deepspeed` runner
+        # left it and its workers training on. Started by the runner itself (one node), it is
+        # re-parented when the runner dies: that is the runner's death, seen from here
+        threading.Thread(target=_watch_runner, args=(launcher, runner), name="die-with-runner", daemon=True).start()
 
 
 def _is_external_launcher(pid: int) -> bool:
@@ -282,6 +288,31 @@ def _is_external_launcher(pid: int) -> bool:
         return False
     words = [os.path.basename(a.decode(errors="replace")) for a in argv[:4]]
     return any(name in words for name in EXTERNAL_LAUNCHERS)
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_deepspeed_runner(pid: int) -> bool:
+    """The top `deepspeed` command (deepspeed/launcher/runner.py), which starts one node's launcher
+    as its child; on other nodes the launcher's parent is pdsh's remote shell instead."""
+    try:
+        argv = [os.path.basename(a.decode(errors="replace")) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]]
+    except OSError:
+        return False
+    return "deepspeed" in argv or "deepspeed.launcher.runner" in argv
+
+
+def _watch_runner(launcher: int, runner: int, interval_s: float = 0.5) -> None:
+    import time
+
+    while _parent_of(launcher) == runner:
+        time.sleep(interval_s)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _parent_death_signal(signum: int) -> bool:
