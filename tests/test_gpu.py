@@ -95,6 +95,25 @@ def test_nccl_world_size_one_trains_the_tiny_recipe_in_fp32(reference_run):
     assert "precision: fp32" in (reference_run / "recipe.yaml").read_text().splitlines()
 
 
+def test_a_task_that_sees_one_gpu_trains_whatever_its_local_rank(tmp_path):
+    """srun --gpus-per-task=1 / per-rank CUDA_VISIBLE_DEVICES, emulated on one GPU: local rank 1 of 2
+    sees only cuda:0. DeepSpeed's engine picks its device from LOCAL_RANK, so that must name cuda:0
+    ("invalid device ordinal" in deepspeed.initialize before the one device decision)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "prime_scale.cli.train", "tiny-cpu", *TINY, f"run.dir={run}",
+                           "--samples", "0", "train.steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_trained_on_cuda(proc, run, 2)
+
+
 def test_nccl_world_size_one_trains_the_tiny_recipe_in_bf16(tmp_path):
     run = tmp_path / "run"
     proc = _train(run, "precision=bf16", "train.steps=4", "checkpoint.every=0")

@@ -65,7 +65,10 @@ SLURM_HELP = ("under srun, either give every task the rendezvous and let prime-s
               "  srun --ntasks-per-node=GPUS --gpus-per-task=1 python -m prime_scale.cli.train RECIPE ...\n"
               "or start one torchrun per node:\n"
               "  srun --ntasks-per-node=1 torchrun --nnodes \"$SLURM_NNODES\" --nproc-per-node GPUS "
-              "--rdzv-backend c10d --rdzv-endpoint \"$MASTER_ADDR:29500\" -m prime_scale.cli.train RECIPE ...")
+              "--rdzv-backend c10d --rdzv-endpoint \"$MASTER_ADDR:29500\" "
+              "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 600 "
+              "-m prime_scale.cli.train RECIPE ...\n"
+              "(with #SBATCH --signal=USR1@120 a preemption notice then saves: docs/training.md)")
 
 
 def _tasks_on_node(spec: str, node: int) -> Optional[int]:
