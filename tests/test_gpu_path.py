@@ -259,22 +259,10 @@ def test_positions_beyond_the_capacity_are_counted_and_the_rest_stay_exact():
     assert bool((nll.view(-1)[3:] < ref_nll.view(-1)[3:] - 50).all())
 
 
-def _all_flagged_case():
-    """10 positions, each with a masked digit whose target group sits 200 below the rest (mass ≪ e^-87)."""
-    V, ell, B, L = 50, 2, 2, 5
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, L, V, generator=g)
-    x0 = torch.randint(0, V, (B, L), generator=g)
-    y0 = prime.subtokenize(x0, V, ell).view(B, L, ell)
-    logits = logits.masked_fill(prime.digit_table(V, ell)[:, 0] == y0[..., :1], -200.0)
-    yt = prime.apply_mask(x0, torch.ones(B, L * ell, dtype=torch.bool), V, ell)
-    return V, ell, logits, x0, yt, torch.ones(B)
-
-
 def test_under_the_accelerators_rule_only_a_backward_call_is_capped(monkeypatch):
     """The cap follows the caller's `backward`, not grad mode: a call without it is exact on an
     accelerator whatever grad mode says, one with it is capped even under no_grad."""
-    V, ell, logits, x0, yt, t = _all_flagged_case()
+    V, ell, logits, x0, yt, t = vpt.extreme_digit_case()
     ref_nll = vpt._dense64(logits, x0, yt, t, None, V, ell, "prime_elbo", True)[0]
     monkeypatch.setattr(vp, "FORCE_ACCELERATOR_RULE", True)
     monkeypatch.setattr(vp, "EXACT_MIN_ROWS", 3)  # capacity 3 of the 10 flagged positions
@@ -289,7 +277,7 @@ def test_under_the_accelerators_rule_only_a_backward_call_is_capped(monkeypatch)
 
 
 def test_a_capped_position_inside_a_reported_bound_is_an_internal_error():
-    V, ell, logits, x0, yt, t = _all_flagged_case()
+    V, ell, logits, x0, yt, t = vpt.extreme_digit_case()
     vp.take_exact_overflow()
     with pytest.raises(RuntimeError, match="7 positions of a reported bound took the loss's capped path"):
         with vp.reported_bound("evaluation"):

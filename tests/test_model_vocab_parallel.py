@@ -146,10 +146,9 @@ def tp2_worker(cases: list):
     return out
 
 
-def _capped_positions_over_ranks(rank: int) -> list:
-    """What the training log's capped_positions reads on this rank: rank r caps 7 − r of its 10
-    extreme positions (its own loss call, capacity 3 + r); summed over the ranks, then with only
-    rank 0 counting (the TP peers of one replica flag the same positions)."""
+def extreme_digit_case():
+    """10 positions, all digits masked, each target's first-digit group 200 below the rest (its
+    mass far below e^-87, where the fast path's floor would cap the cost): V, ell, logits, x0, yt, t."""
     V, ell, B, L = 50, 2, 2, 5
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(B, L, V, generator=g)
@@ -157,9 +156,17 @@ def _capped_positions_over_ranks(rank: int) -> list:
     y0 = prime.subtokenize(x0, V, ell).view(B, L, ell)
     logits = logits.masked_fill(prime.digit_table(V, ell)[:, 0] == y0[..., :1], -200.0)
     yt = prime.apply_mask(x0, torch.ones(B, L * ell, dtype=torch.bool), V, ell)
+    return V, ell, logits, x0, yt, torch.ones(B)
+
+
+def _capped_positions_over_ranks(rank: int) -> list:
+    """What the training log's capped_positions reads on this rank: rank r caps 7 − r of its 10
+    extreme positions (its own loss call, capacity 3 + r); summed over the ranks, then with only
+    rank 0 counting (the TP peers of one replica flag the same positions)."""
+    V, ell, logits, x0, yt, t = extreme_digit_case()
     totals = []
     for counts_here in (True, rank == 0):
-        vp.prime_loss_parallel(logits, x0, yt, torch.ones(B), None, V, ell, vocab_start=0, exact_capacity=3 + rank)
+        vp.prime_loss_parallel(logits, x0, yt, t, None, V, ell, vocab_start=0, exact_capacity=3 + rank)
         totals.append(vp.total_exact_overflow(counts_here, torch.device("cpu")))
     return totals
 
@@ -270,14 +277,7 @@ def _extreme_case(kind, ell, seed=0):
 def test_digit_mass_below_the_exp_floor_is_not_capped():
     """The defect's repro: all digits masked, the target's first-digit group at −200. The floor
     capped that digit's cost near 87 + log Z (89.3 instead of 204.7 for this batch)."""
-    V, ell, B, L = 50, 2, 2, 5
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, L, V, generator=g)
-    x0 = torch.randint(0, V, (B, L), generator=g)
-    y0 = prime.subtokenize(x0, V, ell).view(B, L, ell)
-    logits = logits.masked_fill(prime.digit_table(V, ell)[:, 0] == y0[..., :1], -200.0)
-    yt = prime.apply_mask(x0, torch.ones(B, L * ell, dtype=torch.bool), V, ell)
-    t = torch.ones(B)
+    V, ell, logits, x0, yt, t = extreme_digit_case()
     ref_nll, ref_mean, ref_grad = _dense64(logits, x0, yt, t, None, V, ell, "prime_elbo", True)
     assert ref_mean > 200  # the case really is beyond the floor
     lg = logits.clone().requires_grad_(True)
