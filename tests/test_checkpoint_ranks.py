@@ -22,10 +22,8 @@ LOG_RE = re.compile(r"rank (\d+) wrote ([\d.]+) MiB in ([\d.]+) s")
 
 
 def _inject_write_failure(name_part: str, armed: dict):
-    """torch.save fails (EIO) halfway through the file whose name contains name_part while armed:
+    """torch.save fails halfway through the file whose name contains name_part while armed:
     the storage failing under DeepSpeed, not a changed DeepSpeed."""
-    import errno
-
     import torch
 
     real_save = torch.save
@@ -37,7 +35,9 @@ def _inject_write_failure(name_part: str, armed: dict):
             size = Path(f).stat().st_size
             with open(f, "r+b") as fh:
                 fh.truncate(size // 2)
-            raise OSError(errno.EIO, "Input/output error (injected)", str(f))
+            # what torch.save raises when the storage fails under it: never an OSError
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                               "writing file data/0: file write failed (injected)")
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = save
@@ -174,7 +174,8 @@ def test_ranks_hash_what_they_wrote_log_it_and_agree_on_a_failed_write(tmp_path)
             assert got["outcome"] != "saved" and got["seconds"] < 30, (case, res["rank"], got)
             assert got["check"] == 3 and not got["leftovers"], (case, res["rank"], got)
             if res["rank"] == failing:
-                assert "Input/output error" in got["outcome"] and f"rank {failing}" in got["outcome"], got
+                assert got["outcome"].startswith("UserError") and "file write failed" in got["outcome"], got
+                assert f"rank {failing} could not write" in got["outcome"], got
             else:
                 assert f"failed on rank {failing}" in got["outcome"], got
             assert "step_1 is intact" in got["outcome"], got

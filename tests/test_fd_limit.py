@@ -37,6 +37,7 @@ class _Limits:
 
 def test_the_need_grows_with_the_peers_and_workers():
     assert descriptors_needed(64, 2) > descriptors_needed(8, 2) > descriptors_needed(1, 0)
+    assert descriptors_needed(512, 4, gloo=False) < 1024  # NCCL: no socket mesh per peer
     assert ensure_open_file_limit(8, 2, resource=_Limits(1 << 16, 1 << 16)) is None
     raised = _Limits(64, 1 << 16)
     note = ensure_open_file_limit(8, 2, resource=raised)

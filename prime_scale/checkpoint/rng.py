@@ -75,10 +75,18 @@ def cuda_restore_plan(saved: int, visible: int, saved_device, current: int, loca
 
 
 def _restore_cuda(state: dict) -> None:
+    from prime_scale.parallel import state as pstate
+
     states = state["torch_cuda"]
-    local = os.environ.get("LOCAL_RANK")
+    # the node-local rank (an older checkpoint's device, as parallel.state chose it then): the
+    # launcher's, not the LOCAL_RANK the parallel state now exports (the GPU's index among the visible)
+    if pstate.is_initialized():
+        local = pstate.get_state().local_rank
+    else:
+        raw = os.environ.get("LOCAL_RANK")
+        local = int(raw) if raw and raw.isdigit() else None
     plan, left_out = cuda_restore_plan(len(states), torch.cuda.device_count(), state.get("torch_cuda_device"),
-                                       torch.cuda.current_device(), int(local) if local and local.isdigit() else None)
+                                       torch.cuda.current_device(), local)
     for src, dst in plan:
         torch.cuda.set_rng_state(states[src], dst)
     if left_out:

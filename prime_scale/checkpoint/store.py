@@ -39,7 +39,7 @@ from prime_scale.checkpoint import catalog as mf
 from prime_scale.checkpoint import ema_files, rng, safe_load
 from prime_scale.checkpoint.ema_files import EMA_PER_RANK, EMA_SPLIT
 from prime_scale.checkpoint.layout import Coords, check_layout, coords, engine_layout, param_table
-from prime_scale.checkpoint.writes import RankWrites
+from prime_scale.checkpoint.writes import RankWrites, as_write_error
 from prime_scale.data.tokenizer import copy_tokenizer_files, tokenizer_identity
 from prime_scale.errors import UserError
 from prime_scale.model.naming import NameMap
@@ -214,8 +214,12 @@ def _save_into(engine, tmp: Path, final: Path, c: Coords, step: int, payload: di
 
     def write_own_files():
         (tmp / EXTRA_DIR).mkdir(exist_ok=True)
-        torch.save(payload, tmp / EXTRA_DIR / f"rank_{c.rank:05d}.pt")
-        writes.wrote(tmp / EXTRA_DIR / f"rank_{c.rank:05d}.pt")
+        extra = tmp / EXTRA_DIR / f"rank_{c.rank:05d}.pt"
+        try:
+            torch.save(payload, extra)
+        except RuntimeError as e:  # torch.save's way of saying the write failed
+            raise as_write_error(e, extra) from e
+        writes.wrote(extra)
         (tmp / LAYOUT_DIR).mkdir(exist_ok=True)
         record = {**dataclasses.asdict(c), "mp_file_rank": int(getattr(engine, "checkpoint_mp_rank", 0))}
         if c.dp == 0:

@@ -15,10 +15,23 @@ cache, never another node's files over the network), and its bytes and seconds f
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from pathlib import Path
 from typing import Optional
+
+
+def as_write_error(error: BaseException, path) -> BaseException:
+    """torch.save writes through PyTorchFileWriter and reports a failed open or write (EIO, a
+    vanished directory) as a RuntimeError, never an OSError: name it as the write failure it is.
+    Other exceptions (our own bugs) pass through unchanged."""
+    if isinstance(error, OSError) or not isinstance(error, RuntimeError):
+        return error
+    wrapped = OSError(errno.EIO, f"{str(error).splitlines()[0] if str(error) else 'write failed'}",
+                      None if path is None else str(path))
+    wrapped.__cause__ = error
+    return wrapped
 
 
 class RankWrites:
@@ -49,7 +62,7 @@ class RankWrites:
             try:
                 result = write(*args, **kwargs)
             except Exception as e:  # kept for after DeepSpeed's collectives (raise_deferred)
-                self.error = e
+                self.error = as_write_error(e, _safe_path(path_of, args, kwargs))
                 return None
             path = path_of(*args, **kwargs)
             if path is not None:
@@ -82,3 +95,10 @@ class RankWrites:
                     setattr(owner, name, original)
                 else:
                     delattr(owner, name)
+
+
+def _safe_path(path_of, args, kwargs):
+    try:
+        return path_of(*args, **kwargs)
+    except TypeError:
+        return None

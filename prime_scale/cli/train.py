@@ -63,7 +63,9 @@ def main(args: argparse.Namespace) -> int:
     from prime_scale.parallel.fd_limit import ensure_open_file_limit
 
     world = args.nproc if args.nproc is not None else launch.world_size
-    note = ensure_open_file_limit(world, cfg.data.num_workers)  # before gloo opens a socket per peer
+    import torch  # the backend decides the sockets: gloo on the CPU (a full mesh per group), NCCL on GPUs
+
+    note = ensure_open_file_limit(world, cfg.data.num_workers, gloo=not torch.cuda.is_available())
     if note and lock_here:
         print(note, flush=True)
     # one training per run directory, locked before --resume reads it or anything is written there
@@ -117,12 +119,15 @@ def _warn_if_a_preemption_cannot_save(grace, checkpoints):
 
 def checkpoint_bytes_per_rank(engine) -> int:
     """About what this rank writes in a save: its module weights, the fp32 master and two Adam
-    moments (split over the DP ranks from ZeRO 1 on) and, on DP rank 0, the fp32 EMA."""
+    moments (split over the DP ranks from ZeRO 1 on) and its share of the fp32 EMA (every DP rank
+    writes part of it). Under ZeRO 3 a rank holds, and writes, its partition of each parameter."""
     params = list(engine.module.parameters())
-    numel = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
-    weights = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in params)
-    optimizer = 12 * numel // (engine.state.dp if engine.zero_stage >= 1 else 1)
-    ema = 4 * numel if engine.ema is not None and engine.state.dp_rank == 0 else 0
+    local = [p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params]
+    numel = sum(local)
+    weights = sum(n * p.element_size() for n, p in zip(local, params))
+    split = engine.state.dp if 1 <= engine.zero_stage < 3 else 1  # ZeRO 3: the partitions are local already
+    optimizer = 12 * numel // split
+    ema = 4 * numel // (engine.state.dp if engine.zero_stage < 3 else 1) if engine.ema is not None else 0
     return weights + optimizer + ema
 
 

@@ -44,11 +44,23 @@ def fd_limit_error(path, e: OSError) -> UserError:
     return UserError(f"{path}: cannot open it: {what}. The file is not damaged")
 
 
-def _share(keep: int) -> int:
-    """`keep`, or fewer under a low open-file limit (read at each open: a process may lower it): an
-    eighth of it, so that the ranks' sockets, the workers' pipes and the other split keep the rest."""
+def _in_use() -> int:
+    """Descriptors this process has open (Linux); 0 where it cannot tell."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself holds
+    except OSError:
+        return 0
+
+
+def _share(keep: int, held: int) -> int:
+    """`keep`, or fewer under a low open-file limit (read at each open of a new shard: a process may
+    lower it): an eighth of what the others leave free (held: what this set keeps itself), so that the
+    ranks' sockets, the workers' pipes, the hash check of a shard and the other split keep the rest."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return keep if soft == resource.RLIM_INFINITY else max(1, min(keep, soft // 8))
+    if soft == resource.RLIM_INFINITY:
+        return keep
+    free = soft - max(0, _in_use() - held)
+    return max(1, min(keep, free // 8))
 
 
 class Descriptors:
@@ -66,7 +78,7 @@ class Descriptors:
         if entry is not None:
             self._open.move_to_end(key)
             return entry
-        keep = _share(self.keep)
+        keep = _share(self.keep, len(self._open))
         while len(self._open) >= keep:
             self._close(next(iter(self._open)))
         fd = self._open_fd(path)

@@ -130,7 +130,7 @@ def reported_bound(what: str):
         with torch.no_grad():
             yield
     finally:
-        _SCOPES.remove(counts)
+        _SCOPES.pop()  # this scope's own entry: scopes nest, and equal counts must not be confused
     overflow = _read(counts)
     if overflow:
         raise RuntimeError(f"{what}: {overflow} positions of a reported bound took the loss's capped "

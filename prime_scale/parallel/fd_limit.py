@@ -21,20 +21,23 @@ from prime_scale.errors import UserError
 BASE = 256  # the interpreter, torch, DeepSpeed, megatron, logs and checkpoint files, with margin
 PER_PEER = 8  # sockets per other rank, over the process groups a rank joins
 PER_WORKER = 4  # pipes and queues per DataLoader worker
-SHARDS = 64  # the data's kept descriptors at the least (data/descriptors.py: an eighth of the limit)
+SHARDS = 64  # the data's kept descriptors at the least (data/descriptors.py: an eighth of what the limit leaves free)
 
 
-def descriptors_needed(world_size: int, num_workers: int) -> int:
-    """About the open files one rank of a training of `world_size` ranks needs."""
-    return BASE + PER_PEER * max(0, world_size - 1) + world_size + PER_WORKER * num_workers + SHARDS
+def descriptors_needed(world_size: int, num_workers: int, gloo: bool = True) -> int:
+    """About the open files one rank of a training of `world_size` ranks needs. gloo (CPU) keeps a
+    full mesh of sockets in every group; NCCL (create_gloo_process_groups=False) does not grow per
+    peer: only rank 0's TCPStore holds a socket per rank."""
+    peers = PER_PEER * max(0, world_size - 1) if gloo else 0
+    return BASE + peers + world_size + PER_WORKER * num_workers + SHARDS
 
 
-def ensure_open_file_limit(world_size: int, num_workers: int, *, resource=None) -> Optional[str]:
+def ensure_open_file_limit(world_size: int, num_workers: int, gloo: bool = True, *, resource=None) -> Optional[str]:
     """Raise this process's soft RLIMIT_NOFILE to what the job needs (children inherit it); a note
     when it was raised, None when nothing changed; UserError when the hard limit is too low."""
     if resource is None:
         import resource
-    need = descriptors_needed(world_size, num_workers)
+    need = descriptors_needed(world_size, num_workers, gloo)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     infinite = resource.RLIM_INFINITY
     if soft == infinite or soft >= need:

@@ -277,11 +277,14 @@ def die_with_launcher(environ=None) -> None:
     if os.getppid() != launcher:  # the launcher died before the kernel was told
         os.kill(os.getpid(), signal.SIGKILL)
     runner = _parent_of(launcher)
-    if not raw and runner is not None and _is_deepspeed_runner(runner):
+    if not raw and environ.get("LOCAL_RANK") == "0" and runner is not None and _is_deepspeed_runner(runner):
         # the per-node launcher asks for no parent-death signal: kill -9 of the top `deepspeed` runner
         # left it and its workers training on. Started by the runner itself (one node), it is
-        # re-parented when the runner dies: that is the runner's death, seen from here
-        threading.Thread(target=_watch_runner, args=(launcher, runner), name="die-with-runner", daemon=True).start()
+        # re-parented when the runner dies: that is the runner's death, seen from here. The runner
+        # also dies of a polite stop (on one node it handles no signal: Ctrl-C, SLURM's SIGTERM), so
+        # the stop is polite: SIGTERM to the launcher, which terminates all its workers at once
+        # (they save at the step boundary and exit 3) and kills them 30 s later
+        threading.Thread(target=_watch_runner, args=(launcher, runner), name="stop-with-runner", daemon=True).start()
 
 
 def _is_external_launcher(pid: int) -> bool:
@@ -315,7 +318,8 @@ def _watch_runner(launcher: int, runner: int, interval_s: float = 0.5) -> None:
 
     while _parent_of(launcher) == runner:
         time.sleep(interval_s)
-    os.kill(os.getpid(), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # gone: the parent-death signal takes the ranks
+        os.kill(launcher, signal.SIGTERM)
 
 
 def _parent_death_signal(signum: int) -> bool:
