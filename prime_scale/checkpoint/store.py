@@ -192,7 +192,9 @@ def _out_of_space(error: BaseException, ckpt_dir: Path) -> Optional[str]:
     no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     # torch's writers turn ENOSPC into RuntimeErrors ('iostream error', 'unexpected pos …'): a write
     # failure on a filesystem with (almost) nothing left is taken for what it is
-    if no_space or (isinstance(error, RuntimeError) and free is not None and free < (64 << 20)):
+    # (a torch RuntimeError may come wrapped as the write error it is: writes.as_write_error)
+    from_torch = isinstance(error, RuntimeError) or isinstance(error.__cause__, RuntimeError)
+    if no_space or (from_torch and free is not None and free < (64 << 20)):
         return f"{free / (1 << 20):.1f} MiB free" if free is not None else "free space unknown"
     return None
 
