@@ -162,7 +162,7 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
         return _save_into(engine, tmp, ckpt_dir / tag, c, step, payload, ema, meta, keep_last, name_map,
                           unpadded, protect)
     except Exception as e:
-        full = _out_of_space(e, ckpt_dir)  # before the clean-up frees what the partial save took
+        full = fsio.out_of_space(e, ckpt_dir)  # before the clean-up frees what the partial save took
         if c.rank == 0:  # every rank has stopped writing (each phase ends in a collective): clean up
             shutil.rmtree(tmp, ignore_errors=True)
         if full is None and not isinstance(e, (OSError, FailedElsewhere)):
@@ -178,25 +178,6 @@ def save(engine, ckpt_dir: Union[str, Path], step: int, *, extra_state: Optional
         raise UserError(f"checkpoint step {step}: rank {c.rank} could not write {e.filename or 'its files'} "
                         f"({e.strerror or e}); the partial save was removed and {intact}. Check the storage "
                         f"of {ckpt_dir}, then continue with --resume auto") from None
-
-
-def _out_of_space(error: BaseException, ckpt_dir: Path) -> Optional[str]:
-    """A description of the free space when `error` is (or looks like) a full disk, else None.
-    torch.save reports ENOSPC as a bare 'iostream error' RuntimeError: ask the filesystem too."""
-    import errno
-
-    try:
-        free = shutil.disk_usage(ckpt_dir).free
-    except OSError:
-        free = None
-    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    # torch's writers turn ENOSPC into RuntimeErrors ('iostream error', 'unexpected pos …'): a write
-    # failure on a filesystem with (almost) nothing left is taken for what it is
-    # (a torch RuntimeError may come wrapped as the write error it is: writes.as_write_error)
-    from_torch = isinstance(error, RuntimeError) or isinstance(error.__cause__, RuntimeError)
-    if no_space or (from_torch and free is not None and free < (64 << 20)):
-        return f"{free / (1 << 20):.1f} MiB free" if free is not None else "free space unknown"
-    return None
 
 
 def _save_into(engine, tmp: Path, final: Path, c: Coords, step: int, payload: dict, ema, meta: dict,

@@ -287,12 +287,16 @@ def die_with_launcher(environ=None) -> None:
         threading.Thread(target=_watch_runner, args=(launcher, runner), name="stop-with-runner", daemon=True).start()
 
 
-def _is_external_launcher(pid: int) -> bool:
+def process_argv(pid: int) -> list[str]:
+    """The command line of process `pid` (Linux); empty where it cannot be read (not Linux, gone)."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:  # not Linux, or the parent is gone already
-        return False
-    words = [os.path.basename(a.decode(errors="replace")) for a in argv[:4]]
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _is_external_launcher(pid: int) -> bool:
+    words = [os.path.basename(a) for a in process_argv(pid)[:4]]
     return any(name in words for name in EXTERNAL_LAUNCHERS)
 
 
@@ -306,11 +310,8 @@ def _parent_of(pid: int) -> Optional[int]:
 def _is_deepspeed_runner(pid: int) -> bool:
     """The top `deepspeed` command (deepspeed/launcher/runner.py), which starts one node's launcher
     as its child; on other nodes the launcher's parent is pdsh's remote shell instead."""
-    try:
-        argv = [os.path.basename(a.decode(errors="replace")) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]]
-    except OSError:
-        return False
-    return "deepspeed" in argv or "deepspeed.launcher.runner" in argv
+    words = [os.path.basename(a) for a in process_argv(pid)[:3]]
+    return "deepspeed" in words or "deepspeed.launcher.runner" in words
 
 
 def _watch_runner(launcher: int, runner: int, interval_s: float = 0.5) -> None:

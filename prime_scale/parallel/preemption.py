@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Optional, Sequence
+
+from prime_scale.parallel.launch import process_argv
 
 TORCHRUN_DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
 TORCHRUN_DEFAULT_SHUTDOWN_S = 30.0
@@ -59,13 +60,9 @@ def _flag(argv: Sequence[str], names: Sequence[str]) -> Optional[str]:
     return None
 
 
-def parent_argv(pid: Optional[int] = None) -> list[str]:
+def parent_argv() -> list[str]:
     """The command line of this process's parent (Linux); empty where it cannot be read."""
-    pid = os.getppid() if pid is None else pid
-    try:
-        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return []
+    return process_argv(os.getppid())
 
 
 def _torchrun(argv: Sequence[str], environ: Mapping[str, str]) -> StopGrace:
